@@ -1,0 +1,7 @@
+"""``python -m fusion``: see ``fusion.cli``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,151 @@
+"""``python -m fusion``: merge a tuned model toward its base, or inspect where they differ.
+
+    python -m fusion merge --tuned T --base B --method M [--set NAME=VALUE ...] --out DIR
+                           [--device auto|cpu|cuda] [--seed N]
+    python -m fusion inspect --tuned T --base B [--set NAME=VALUE ...] [--json FILE]
+    python -m fusion methods
+
+This interface is stable: scripts outside the project call it. Errors in the input print one
+line naming the file, tensor or value at fault and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+from .errors import FusionError
+from .registry import METHOD_NAMES, METHODS, PRESETS, schema
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '500MB', '1.5G', '123' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4GB, 500MB)")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2).upper() or "_"))
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    values = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise FusionError(f"--set expects NAME=VALUE, got {item!r}")
+        values[name.strip()] = value.strip()
+    return values
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tuned", required=True, help="tuned model (LLaVA-style MLLM or fine-tuned LLM): directory or hub repo id")
+    p.add_argument("--base", required=True, help="the base LLM it was tuned from: directory or hub repo id")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (repeatable)")
+    p.add_argument("--allow-pickle", action="store_true", help="also read pickle .bin weights (they can run code: trusted sources only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fusion", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="merge a tuned model toward its base LLM and write a checkpoint")
+    _common(merge)
+    merge.add_argument("--method", required=True, choices=METHOD_NAMES, metavar="METHOD", help=f"one of: {', '.join(METHOD_NAMES)}")
+    merge.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    merge.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to compute (default: cuda if available)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare, della)")
+    merge.add_argument("--shard-size", type=parse_size, default="4GB", help="largest output shard (default 4GB)")
+    merge.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    inspect = sub.add_parser("inspect", help="print the neuron-change statistics of a tuned/base pair")
+    _common(inspect)
+    inspect.add_argument("--json", dest="json_out", help="also write the full report (with score curves) to this file")
+
+    sub.add_parser("methods", help="list the merge methods and their parameters")
+    return parser
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .merge import fuse
+
+    bar = None if args.quiet else tqdm(total=1, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
+
+    def progress(p: Any) -> None:
+        if bar is None:
+            return
+        bar.total = p.total
+        bar.set_postfix_str(p.tensor.rsplit(".", 2)[0][-40:] if p.tensor else p.stage, refresh=False)
+        bar.update(p.done - bar.n)
+
+    try:
+        result = fuse(
+            args.tuned,
+            args.base,
+            args.method,
+            parse_sets(args.sets),
+            args.out,
+            seed=args.seed,
+            device=args.device,
+            shard_bytes=args.shard_size,
+            allow_pickle=args.allow_pickle,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    what = "already there (same inputs and recipe)" if result.reused else f"written in {result.seconds:.1f} s"
+    print(f"{result.path}: {what}; recipe {json.dumps({k: result.recipe[k] for k in ('method', 'params', 'seed')})}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .merge import inspect_pair
+
+    report = inspect_pair(args.tuned, args.base, parse_sets(args.sets), allow_pickle=args.allow_pickle)
+    print(f"{'layer':>5}  {'kind':<22} {'neurons':>8} {'located':>8} {'median':>10} {'p90':>10} {'p99':>10} {'max':>10}")
+    for row in report["kinds"]:
+        q = row["quantiles"]
+        layer = "-" if row["layer"] is None else row["layer"]
+        print(
+            f"{layer:>5}  {row['kind']:<22} {row['neurons']:>8} {row['located']:>8} "
+            f"{q['0.5']:>10.3g} {q['0.9']:>10.3g} {q['0.99']:>10.3g} {q['1.0']:>10.3g}"
+        )
+    s = report["summary"]
+    print(
+        f"\n{s['located']} of {s['neurons']} neurons located (top_ratio {report['params']['top_ratio']}); "
+        f"they hold {100 * s['located_share']:.1f}% of the total squared change"
+    )
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(report, f)
+    return 0
+
+
+def run_methods(_: argparse.Namespace) -> int:
+    for name in METHOD_NAMES:
+        method, preset = PRESETS.get(name, (name, {}))
+        head = f"{name}: {METHODS[method].help}" + (f" (= {method} with {preset})" if preset else "")
+        print(head)
+        for p in schema(name):
+            print(f"    {p.name:<12} default {p.default!s:<16} range {p.range_text():<28} {p.help}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods}
+    try:
+        return commands[args.command](args)
+    except FusionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was left behind", file=sys.stderr)
+        return 130

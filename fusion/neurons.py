@@ -1,0 +1,194 @@
+"""Neuron location for Llama-family language models (Llama/Vicuna, Mistral, Qwen2).
+
+A *neuron* is a slice of one or more weight matrices that rises and falls together
+(spec, "Neuron-Fusion" step 1):
+
+- FFN neuron k: row k of ``gate_proj`` and ``up_proj`` and column k of ``down_proj``;
+- attention value neuron j: column j of ``o_proj``, tied with row j of ``v_proj`` when their
+  sizes agree (multi-head attention); with grouped-query attention they are kinds of their own;
+- query/key neurons: rows of ``q_proj``/``k_proj`` (with their bias entries, as in Qwen2).
+
+Neuron-Locate scores each neuron by the norm of its change and keeps the top fraction within
+each layer and kind. Scores are computed in row blocks straight from the (memory-mapped)
+checkpoint tensors, so no float32 copy of a whole matrix is made.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import FusionError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_BLOCK_ELEMENTS = 1 << 20
+_CURVE_POINTS = 64
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A tensor taking part in a neuron kind; ``axis`` 0: neurons are rows, 1: columns."""
+
+    tensor: str
+    axis: int
+
+
+@dataclass(frozen=True)
+class NeuronKind:
+    """The neurons of one kind in one layer (``layer`` None: outside the decoder layers)."""
+
+    layer: int | None
+    kind: str
+    members: tuple[Member, ...]
+    size: int
+
+
+def layer_of(name: str) -> int | None:
+    """Decoder layer index of a base-LLM tensor name, or None."""
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _short(name: str) -> str:
+    """'model.layers.3.input_layernorm.weight' -> 'input_layernorm'."""
+    parts = [p for p in name.split(".") if p not in ("model", "layers", "weight", "bias") and not p.isdigit()]
+    return ".".join(parts) + (".bias" if name.endswith(".bias") else "")
+
+
+def _projection_kinds(layer: int, parts: Mapping[str, str], shapes: Mapping[str, Sequence[int]], unit: str) -> list[NeuronKind]:
+    """Neuron kinds of one decoder layer from its ``*_proj`` tensors (``parts``: 'q_proj.weight'
+    -> full name)."""
+
+    def rows(proj: str) -> list[Member]:
+        return [Member(parts[f"{proj}.{w}"], 0) for w in ("weight", "bias") if f"{proj}.{w}" in parts]
+
+    def cols(proj: str) -> list[Member]:
+        return [Member(parts[f"{proj}.weight"], 1)] if f"{proj}.weight" in parts else []
+
+    groups: list[tuple[str, list[Member]]]
+    if unit == "row":
+        groups = [(p.removesuffix("_proj"), rows(p)) for p in ("gate_proj", "up_proj", "q_proj", "k_proj", "v_proj")]
+        groups += [(p.removesuffix("_proj"), cols(p)) for p in ("down_proj", "o_proj")]
+    else:
+        groups = [("ffn", rows("gate_proj") + rows("up_proj") + cols("down_proj"))]
+        groups += [("attn_q", rows("q_proj")), ("attn_k", rows("k_proj"))]
+        v, o = rows("v_proj"), cols("o_proj")
+        if v and o and shapes[v[0].tensor][0] == shapes[o[0].tensor][1]:
+            groups.append(("attn_v", v + o))
+        else:  # grouped-query attention: o_proj columns and v_proj rows are different neurons
+            groups += [("attn_v", v), ("attn_o", o)]
+    kinds = []
+    for kind, members in groups:
+        if not members:
+            continue
+        sizes = {shapes[m.tensor][m.axis] for m in members}
+        if len(sizes) != 1:
+            detail = ", ".join(f"{m.tensor} {tuple(shapes[m.tensor])}" for m in members)
+            raise FusionError(f"layer {layer}: the {kind} neurons do not line up across {detail}")
+        kinds.append(NeuronKind(layer, kind, tuple(members), sizes.pop()))
+    return kinds
+
+
+def neuron_kinds(shapes: Mapping[str, Sequence[int]], unit: str = "tied", others: str = "rows") -> list[NeuronKind]:
+    """All neuron kinds of a base LLM, from its merged tensors' names and shapes.
+
+    ``others = "rows"`` makes every tensor outside the FFN/attention neurons a kind of its own
+    whose rows (elements, for vectors) are located like neurons, so ``top_ratio = 1`` restores
+    the whole tuned model; ``"inner"`` leaves them to the inner method alone.
+    """
+    per_layer: dict[int, dict[str, str]] = {}
+    for name in shapes:
+        m = _LAYER_TENSOR.match(name)
+        if m:
+            per_layer.setdefault(int(m.group(1)), {})[f"{m.group(2)}.{m.group(3)}"] = name
+    kinds = [k for layer, parts in sorted(per_layer.items()) for k in _projection_kinds(layer, parts, shapes, unit)]
+    if not kinds:
+        raise FusionError(
+            "no FFN or attention neurons found (tensors named model.layers.N.mlp.gate_proj.weight, ...): "
+            f"neuron location supports {', '.join(SUPPORTED_MODEL_TYPES)} language models"
+        )
+    if others == "rows":
+        claimed = {m.tensor for k in kinds for m in k.members}
+        for name, shape in shapes.items():
+            if name not in claimed and len(shape) > 0:
+                kinds.append(NeuronKind(layer_of(name), _short(name), (Member(name, 0),), shape[0]))
+    return kinds
+
+
+def slice_change(base: Tensor, tuned: Sequence[Tensor] | None, axis: int, power: int) -> Tensor:
+    """Σ |Δ|^power over each slice along ``axis`` (rows for 0, columns for 1) of Δ = Σ_t θ_t − θ_base,
+    or of θ_base itself when ``tuned`` is None. float32, walked in row blocks."""
+    rows_total = base.shape[0]
+    width = base[0].numel() if rows_total else 0
+    out = torch.zeros(base.shape[axis] if base.dim() > 1 else rows_total, dtype=torch.float32, device=base.device)
+    block = max(1, _BLOCK_ELEMENTS // max(width, 1))
+    for start in range(0, rows_total, block):
+        b = base[start : start + block].float().reshape(-1, width)
+        if tuned is None:
+            d = b.abs() if power == 1 else b.square()
+        else:
+            d = tuned[0][start : start + block].float().reshape(-1, width) - b
+            for t in tuned[1:]:
+                d += t[start : start + block].float().reshape(-1, width) - b
+            d = d.abs_() if power == 1 else d.square_()
+        if axis == 0:
+            out[start : start + block] += d.sum(1)
+        else:
+            out += d.sum(0)
+    return out
+
+
+def change_scores(
+    kind: NeuronKind,
+    base: Mapping[str, Tensor],
+    tuned: Mapping[str, Sequence[Tensor]],
+    score_norm: str = "l2",
+    relative: bool = False,
+) -> Tensor:
+    """Neuron-Locate's score: the norm of each neuron's Δ over all its parameters, divided by
+    the norm of the same base parameters when ``relative``."""
+    power = 2 if score_norm == "l2" else 1
+    total = sum(slice_change(base[m.tensor], tuned[m.tensor], m.axis, power) for m in kind.members)
+    if relative:
+        reference = sum(slice_change(base[m.tensor], None, m.axis, power) for m in kind.members)
+        total = total / reference.clamp_min(1e-12)
+    return total.sqrt_() if power == 2 else total
+
+
+def top_fraction(scores: Tensor, ratio: float) -> Tensor:
+    """Indices (ascending) of the ``ratio`` fraction of highest scores, round-half-up count;
+    equal scores are taken in index order, so the choice is deterministic."""
+    count = min(scores.numel(), int(ratio * scores.numel() + 0.5))
+    order = torch.argsort(scores, descending=True, stable=True)
+    return order[:count].sort().values
+
+
+def describe(kind: NeuronKind, scores: Tensor, located: Tensor) -> dict[str, Any]:
+    """What the app plots and ``inspect`` prints: counts, quantiles, and the sorted score curve
+    sampled at log-spaced ranks (the power law shows as a straight line on log-log axes)."""
+    s = scores.detach().float().cpu()
+    ordered = s.sort(descending=True).values
+    n = ordered.numel()
+    ranks = sorted({min(n, max(1, round(n ** (i / (_CURVE_POINTS - 1))))) for i in range(_CURVE_POINTS)}) if n else []
+    return {
+        "layer": kind.layer,
+        "kind": kind.kind,
+        "neurons": n,
+        "located": int(located.numel()),
+        "threshold": float(s[located].min()) if located.numel() else None,
+        "sum_sq": float(s.square().sum()),
+        "located_sum_sq": float(s[located].square().sum()),
+        "quantiles": {str(q): float(torch.quantile(s, q)) if n else math.nan for q in QUANTILES},
+        "curve": [[r, float(ordered[r - 1])] for r in ranks],
+        "tensors": [m.tensor for m in kind.members],
+    }

@@ -1,0 +1,160 @@
+"""A streaming safetensors writer: tensors go to disk one by one as they are merged.
+
+``safetensors.torch.save_file`` needs every tensor of a shard in memory at once; a merge must
+not hold more than a few. Since every output tensor's name, shape and dtype are known before
+merging starts, each shard's header can be written first and the data appended in order. Writes
+run on a background thread so that disk I/O overlaps the next tensor's arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import struct
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One output tensor as planned: the writer checks the merged tensor against it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count * self.dtype.itemsize
+
+
+def plan_shards(entries: Sequence[Entry], max_shard_bytes: int) -> list[list[Entry]]:
+    """Split entries, in order, into shards of at most ``max_shard_bytes`` (a larger single
+    tensor gets a shard of its own)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if shards[-1] and size + entry.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.nbytes
+    return shards
+
+
+def shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _header(entries: Sequence[Entry], metadata: Mapping[str, str]) -> bytes:
+    table: dict[str, object] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for e in entries:
+        table[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        offset += e.nbytes
+    raw = json.dumps(table, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardedWriter:
+    """Writes planned entries, in plan order, into ``directory`` as sharded safetensors with an
+    index (``model.safetensors.index.json``) when there is more than one shard."""
+
+    def __init__(self, directory: Path, shards: list[list[Entry]], metadata: Mapping[str, str]) -> None:
+        self.directory = directory
+        self.shards = shards
+        self.metadata = dict(metadata)
+        self.names = shard_names(len(shards))
+        self._order = [(i, e) for i, shard in enumerate(shards) for e in shard]
+        self._next = 0
+        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue the next tensor; it must be the next planned entry, with its shape and dtype."""
+        if self._error:
+            raise self._error
+        shard, entry = self._order[self._next]
+        if name != entry.name or tuple(tensor.shape) != entry.shape or tensor.dtype != entry.dtype:
+            raise RuntimeError(
+                f"writer expected {entry.name} {entry.shape} {entry.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        self._next += 1
+        self._queue.put((shard, tensor.detach().to("cpu").contiguous()))
+
+    def close(self) -> None:
+        """Wait for the writes to finish, check that every entry was written, write the index."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error:
+            raise self._error
+        if self._next != len(self._order):
+            raise RuntimeError(f"writer closed after {self._next} of {len(self._order)} tensors")
+        if len(self.shards) > 1:
+            index = {
+                "metadata": {**self.metadata, "total_size": sum(e.nbytes for _, e in self._order)},
+                "weight_map": {e.name: self.names[i] for i, e in self._order},
+            }
+            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        """Stop the writer thread after a failure elsewhere (files are left for the caller)."""
+        self._error = self._error or RuntimeError("aborted")
+        while True:  # unblock a full queue, then signal the end
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join()
+
+    def _drain(self) -> None:
+        handle: BinaryIO | None = None
+        current = -1
+        try:
+            while (item := self._queue.get()) is not None:
+                shard, tensor = item
+                if self._error:
+                    continue
+                if shard != current:
+                    if handle:
+                        handle.close()
+                    current = shard
+                    handle = open(self.directory / self.names[shard], "wb")
+                    handle.write(_header(self.shards[shard], self.metadata))
+                handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+        except BaseException as err:  # reported to the producer on its next call
+            self._error = err
+            while self._queue.get() is not None:
+                pass
+        finally:
+            if handle:
+                handle.close()

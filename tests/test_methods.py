@@ -1,0 +1,176 @@
+"""The merge maths against the spec's identities and against independent, sort-based reference
+implementations written here from the spec's table."""
+
+import pytest
+import torch
+
+from fusion import methods
+from fusion.errors import FusionError
+from fusion.registry import METHOD_NAMES, resolve, schema
+
+
+def pair(shape=(64, 48), n=1, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g).to(dtype)
+    tuned = [(base.float() + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+    return base, tuned
+
+
+def params(method, **values):
+    return resolve(method, values).params
+
+
+# --- references: plain sorts, one element at a time where it helps readability ----------------
+
+
+def ref_keep_top(delta, density):
+    flat = delta.flatten()
+    keep = round(density * flat.numel())
+    order = flat.abs().argsort(descending=True)
+    out = torch.zeros_like(flat)
+    out[order[:keep]] = flat[order[:keep]]
+    return out.view_as(delta)
+
+
+def ref_band(delta, density, gamma):
+    flat = delta.flatten()
+    top, keep = round(gamma * flat.numel()), round(density * flat.numel())
+    order = flat.abs().argsort(descending=True)
+    out = torch.zeros_like(flat)
+    chosen = order[top : top + keep]
+    out[chosen] = flat[chosen]
+    return out.view_as(delta)
+
+
+def ref_sign_mean(deltas):
+    stacked = torch.stack(deltas)
+    sign = stacked.sum(0).sign()
+    agree = (stacked.sign() == sign) & (stacked != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_task_arithmetic_endpoints_are_exact(dtype):
+    base, tuned = pair(dtype=dtype)
+    assert torch.equal(methods.task_arithmetic(base, tuned, {"lambda": 1.0}), tuned[0])
+    assert torch.equal(methods.task_arithmetic(base, tuned, {"lambda": 0.0}), base)
+
+
+def test_task_arithmetic_multi_task_sum():
+    base, tuned = pair(n=3)
+    got = methods.task_arithmetic(base, tuned, {"lambda": 0.3})
+    want = base + 0.3 * sum(t - base for t in tuned)
+    torch.testing.assert_close(got, want)
+
+
+def test_task_arithmetic_half_precision_rounds_float32_result():
+    base, tuned = pair(dtype=torch.bfloat16)
+    got = methods.task_arithmetic(base, tuned, {"lambda": 0.3})
+    want = (base.float() + 0.3 * (tuned[0].float() - base.float())).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("density", [0.2, 0.55, 1.0])
+def test_ties_matches_reference(n, density):
+    base, tuned = pair(n=n, seed=n)
+    got = methods.ties(base, tuned, params("ties", density=density, **{"lambda": 0.7}))
+    deltas = [ref_keep_top(t - base, density) for t in tuned]
+    torch.testing.assert_close(got, base + 0.7 * ref_sign_mean(deltas))
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_breadcrumbs_matches_reference(n):
+    base, tuned = pair(n=n, seed=4)
+    got = methods.breadcrumbs(base, tuned, params("breadcrumbs", density=0.6, gamma=0.1))
+    want = base + sum(ref_band(t - base, 0.6, 0.1) for t in tuned)
+    torch.testing.assert_close(got, want)
+
+
+def test_magnitude_at_rank_agrees_with_sort():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5000, generator=g) * torch.logspace(-6, 3, 5000)
+    ordered = x.abs().sort(descending=True).values
+    for rank in (1, 2, 17, 2500, 4999, 5000):
+        assert methods.magnitude_at_rank(x, rank) == float(ordered[rank - 1])
+
+
+def test_dare_mask_statistics_and_fixed_mask_result():
+    base, tuned = pair(shape=(400, 250), seed=5)
+    got = methods.dare(base, tuned, params("dare", density=0.3), torch.Generator().manual_seed(9))
+    delta = tuned[0] - base
+    kept = (got - base).abs() > 1e-7
+    assert abs(kept.float().mean().item() - 0.3) < 0.01
+    # the same draw, done here: the result is exact for that mask
+    mask = torch.rand(delta.shape, generator=torch.Generator().manual_seed(9)) < 0.3
+    torch.testing.assert_close(got, base + delta * mask / 0.3)
+
+
+def ref_della_keep_prob(width, density, epsilon):
+    """Keep probability by magnitude rank (0 = largest)."""
+    ranks = torch.arange(width, dtype=torch.float32)
+    drop = (1 - density) - epsilon / 2 + epsilon * ranks / (width - 1)
+    return 1 - drop
+
+
+def test_della_fixed_mask_result():
+    base, tuned = pair(shape=(30, 40), seed=6)
+    density, epsilon = 0.4, 0.2
+    got = methods.della(base, tuned, params("della", density=density, epsilon=epsilon), torch.Generator().manual_seed(2))
+    delta = tuned[0] - base
+    draw = torch.rand(delta.shape, generator=torch.Generator().manual_seed(2))
+    keep_p = torch.empty_like(delta)
+    for r in range(delta.shape[0]):
+        order = delta[r].abs().argsort(descending=True)
+        keep_p[r, order] = ref_della_keep_prob(delta.shape[1], density, epsilon)
+    want = base + torch.where(draw >= 1 - keep_p, delta / keep_p, torch.zeros_like(delta))
+    torch.testing.assert_close(got, want)
+
+
+def test_della_keep_probability_falls_with_rank():
+    density, epsilon, width = 0.3, 0.2, 10
+    delta = torch.linspace(1, 2, width).repeat(20000, 1)  # column 9 largest in every row
+    kept = methods.rank_keep(delta.clone(), density, epsilon, torch.Generator().manual_seed(0)) != 0
+    rate = kept.float().mean(0)
+    expected = ref_della_keep_prob(width, density, epsilon).flip(0)
+    assert (rate - expected).abs().max() < 0.015
+    assert abs(rate.mean().item() - density) < 0.005
+
+
+def test_restore_takes_rows_and_columns_from_full():
+    merged, full = torch.zeros(4, 5), torch.arange(20.0).view(4, 5)
+    methods.restore(merged, full, 0, torch.tensor([1, 3]))
+    assert torch.equal(merged[1], full[1]) and torch.equal(merged[3], full[3]) and merged[0].abs().sum() == 0
+    merged = torch.zeros(4, 5)
+    methods.restore(merged, full, 1, torch.tensor([2]))
+    assert torch.equal(merged[:, 2], full[:, 2]) and merged[:, [0, 1, 3, 4]].abs().sum() == 0
+
+
+@pytest.mark.parametrize(
+    "method, values, fragment",
+    [
+        ("ties", {"density": 0}, "outside its range (0.0, 1.0]"),
+        ("ties", {"density": "lots"}, "must be a float"),
+        ("task_arithmetic", {"lambda": 5}, "'lambda' of method 'task_arithmetic' is 5.0"),
+        ("breadcrumbs", {"density": 0.95, "gamma": 0.1}, "density + gamma"),
+        ("della", {"density": 0.05, "epsilon": 0.2}, "epsilon"),
+        ("neuron_fusion", {"top_ratio": 1.5}, "'top_ratio'"),
+        ("neuron_fusion", {"inner": "magic"}, "must be one of"),
+        ("dare", {"gama": 0.1}, "unknown parameter 'gama'"),
+        ("average", {}, "unknown method 'average'"),
+    ],
+)
+def test_bad_parameters_are_named(method, values, fragment):
+    with pytest.raises(FusionError, match=None) as err:
+        resolve(method, values)
+    assert fragment in str(err.value)
+
+
+def test_presets_and_schema():
+    recipe = resolve("neu-p-bread", {"density": "0.8"})
+    assert recipe.method == "neuron_fusion" and recipe.params["inner"] == "breadcrumbs"
+    assert recipe.params["density"] == 0.8 and recipe.inner_params["lambda"] == recipe.params["suppress"]
+    assert {p.name for p in schema("neu-p-bread")} >= {"top_ratio", "suppress", "density", "gamma"}
+    assert "lambda" not in {p.name for p in schema("neu-p-bread")}
+    assert set(METHOD_NAMES) == {"task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread"}
