@@ -75,12 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 def run_merge(args: argparse.Namespace) -> int:
     from .merge import fuse
 
-    bar = None if args.quiet else tqdm(total=1, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
+    bar = None  # created on the first report, so errors found while checking the inputs come alone
 
     def progress(p: Any) -> None:
-        if bar is None:
+        nonlocal bar
+        if args.quiet:
             return
-        bar.total = p.total
+        if bar is None:
+            bar = tqdm(total=p.total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
         bar.set_postfix_str(p.tensor.rsplit(".", 2)[0][-40:] if p.tensor else p.stage, refresh=False)
         bar.update(p.done - bar.n)
 

@@ -1,0 +1,82 @@
+"""``python -m fusion`` as scripts call it: a real subprocess, exit codes, stdout and stderr."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tiny_models import build_pair
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "fusion", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp("cli"), layout="llava")
+
+
+def test_merge_with_parameters_and_progress(pair, tmp_path):
+    out = tmp_path / "fused"
+    run = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "neu-p-bread",
+              "--set", "top_ratio=0.1", "--set", "density=0.8", "--out", str(out), "--device", "cpu", "--seed", "3", "--shard-size", "30KB")
+    assert run.returncode == 0, run.stderr
+    assert "merging" in run.stderr and "100%" in run.stderr
+    recipe = json.loads((out / "fusion_recipe.json").read_text())
+    assert recipe["method"] == "neuron_fusion" and recipe["seed"] == 3
+    assert recipe["params"]["inner"] == "breadcrumbs" and recipe["params"]["density"] == 0.8 and recipe["params"]["top_ratio"] == 0.1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert str(out) in run.stdout
+    again = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "neu-p-bread",
+                "--set", "top_ratio=0.1", "--set", "density=0.8", "--out", str(out), "--device", "cpu", "--seed", "3", "--quiet")
+    assert again.returncode == 0 and "already there" in again.stdout
+
+
+def test_plain_llm_pair_merges_every_tensor(tmp_path):
+    llm = build_pair(tmp_path, layout="llm")
+    run = cli("merge", "--tuned", str(llm.tuned), "--base", str(llm.base), "--method", "task_arithmetic", "--set", "lambda=0", "--out", str(tmp_path / "o"), "--quiet")
+    assert run.returncode == 0, run.stderr
+    out = {}
+    for f in (tmp_path / "o").glob("*.safetensors"):
+        out.update(load_file(f))
+    base = {}
+    for f in llm.base.glob("*.safetensors"):
+        base.update(load_file(f))
+    assert out.keys() == base.keys() and all(torch.equal(out[k], base[k]) for k in out)
+
+
+def test_inspect_prints_a_table_and_writes_json(pair, tmp_path):
+    run = cli("inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--set", "top_ratio=0.03125", "--json", str(tmp_path / "r.json"))
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split()[:4] == ["layer", "kind", "neurons", "located"]
+    assert any(line.split()[:4] == ["0", "ffn", "64", "2"] for line in lines)
+    assert "neurons located" in run.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["kinds"]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--method", "ties", "--set", "density=2"], "'density' of method 'ties' is 2.0"),
+        (["--method", "ties", "--set", "density"], "--set expects NAME=VALUE"),
+        (["--method", "dare", "--device", "cuda"], "no CUDA GPU"),
+    ],
+)
+def test_errors_exit_2_with_one_line(pair, tmp_path, args, fragment):
+    run = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--out", str(tmp_path / "x"), *args)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and fragment in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_methods_lists_every_method():
+    run = cli("methods")
+    assert run.returncode == 0
+    for name in ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread"):
+        assert f"\n{name}:" in "\n" + run.stdout

@@ -1,0 +1,284 @@
+"""The streaming merge end to end on tiny checkpoints: spec identities over whole models, both
+key layouts, loading with transformers, untouched vision weights, determinism, caching, and
+every error case leaving no output behind."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusion.checkpoint import open_checkpoint
+from fusion.errors import FusionError
+from fusion.merge import RECIPE_FILE, REPORT_FILE, fuse, inspect_pair
+from tiny_models import BASE_VOCAB, IMAGE_TOKEN, build_pair, load_llava, write_checkpoint
+
+LAYOUTS = ["llava", "llava-nested", "llm"]
+SMALL_SHARDS = 24_000  # bytes: several output shards even for tiny models
+
+
+def tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def lm_name(name: str) -> str | None:
+    """Base-LLM name of a tensor in any layout (None: vision tower / projector)."""
+    for prefix, repl in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."), ("model.language_model.", "model.")):
+        if name.startswith(prefix):
+            return repl + name[len(prefix) :]
+    if name.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")):
+        return None
+    return name
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def tiny(request, tmp_path_factory):
+    return build_pair(tmp_path_factory.mktemp(request.param), layout=request.param)
+
+
+def merged(tiny, tmp_path, method, **params):
+    return fuse(str(tiny.tuned), str(tiny.base), method, params, tmp_path / "out", shard_bytes=SMALL_SHARDS)
+
+
+def assert_lm_equals(out: dict, reference: dict, tuned: dict):
+    """Every language-model tensor of ``out`` equals ``reference`` (base names) on the base
+    vocabulary rows, and everything else equals the tuned model."""
+    for name, value in out.items():
+        base_name = lm_name(name)
+        if base_name is None:
+            assert torch.equal(value, tuned[name]), name
+            continue
+        ref = reference[base_name]
+        assert torch.equal(value[: ref.shape[0]], ref), name
+        assert torch.equal(value[ref.shape[0] :], tuned[name][ref.shape[0] :]), name
+
+
+def test_task_arithmetic_lambda_one_is_the_tuned_model_bit_for_bit(tiny, tmp_path):
+    result = merged(tiny, tmp_path, "task_arithmetic", **{"lambda": 1})
+    out, tuned = tensors(result.path), tensors(tiny.tuned)
+    assert out.keys() == tuned.keys()
+    assert all(torch.equal(out[k], tuned[k]) for k in out)
+    assert len(list(result.path.glob("*.safetensors"))) > 2
+
+
+def test_task_arithmetic_lambda_zero_is_the_base(tiny, tmp_path):
+    result = merged(tiny, tmp_path, "task_arithmetic", **{"lambda": 0})
+    assert_lm_equals(tensors(result.path), tensors(tiny.base), tensors(tiny.tuned))
+
+
+def test_neuron_fusion_top_ratio_one_is_the_tuned_model(tiny, tmp_path):
+    out, tuned = tensors(merged(tiny, tmp_path, "neuron_fusion", top_ratio=1).path), tensors(tiny.tuned)
+    assert all(torch.equal(out[k], tuned[k]) for k in tuned)
+
+
+@pytest.mark.parametrize("inner", ["task_arithmetic", "ties", "breadcrumbs"])
+def test_neuron_fusion_nothing_located_no_change_is_the_base_in_the_tuned_shell(tiny, tmp_path, inner):
+    result = merged(tiny, tmp_path, "neuron_fusion", top_ratio=0, suppress=0, inner=inner)
+    assert_lm_equals(tensors(result.path), tensors(tiny.base), tensors(tiny.tuned))
+
+
+def test_neuron_fusion_restores_exactly_the_planted_neurons(tiny, tmp_path):
+    # 2 of 64 FFN neurons and 1 of 32 value neurons per layer were given a large change
+    result = merged(tiny, tmp_path, "neuron_fusion", top_ratio=1 / 32, suppress=0, others="inner")
+    out, base, tuned = tensors(result.path), tensors(tiny.base), tensors(tiny.tuned)
+    by_base = {lm_name(k): k for k in out if lm_name(k)}
+    for base_name, hot in tiny.hot.items():
+        axis = 1 if base_name.endswith(("down_proj.weight", "o_proj.weight")) else 0
+        value, tuned_value = out[by_base[base_name]], tuned[by_base[base_name]]
+        changed = [i for i in range(value.shape[axis]) if not torch.equal(value.select(axis, i), base[base_name].select(axis, i))]
+        assert changed == hot, base_name
+        assert all(torch.equal(value.select(axis, i), tuned_value.select(axis, i)) for i in hot)
+    report = json.loads((result.path / REPORT_FILE).read_text())["kinds"]
+    ffn = [k for k in report if k["kind"] == "ffn"]
+    assert [k["located"] for k in ffn] == [2, 2] and all(k["neurons"] == 64 for k in ffn)
+
+
+@pytest.mark.parametrize("method", ["neuron_fusion", "neu-p-bread", "ties", "breadcrumbs", "dare", "della"])
+def test_vision_tower_and_projector_bytes_untouched(tiny, tmp_path, method):
+    result = merged(tiny, tmp_path, method)
+    out, tuned = tensors(result.path), tensors(tiny.tuned)
+    vision = [k for k in tuned if lm_name(k) is None]
+    assert len(vision) == (0 if "llm" in str(tiny.tuned) else len(vision)) and all(torch.equal(out[k], tuned[k]) for k in vision)
+    assert out.keys() == tuned.keys()
+    assert all(out[k].dtype == tuned[k].dtype and out[k].shape == tuned[k].shape for k in out)
+    changed = [k for k in out if lm_name(k) and not torch.equal(out[k], tuned[k])]
+    assert len(changed) > len(out) // 4  # the language model really was merged
+
+
+def test_merged_llava_loads_and_generates(tmp_path_factory):
+    for layout in ("llava", "llava-nested"):
+        pair = build_pair(tmp_path_factory.mktemp(f"gen-{layout}"), layout=layout)
+        result = fuse(str(pair.tuned), str(pair.base), "neu-p-taska", out=pair.tuned.parent / "fused", shard_bytes=SMALL_SHARDS)
+        model = load_llava(result.path).eval()
+        lm_head = tensors(result.path)["language_model.lm_head.weight" if layout == "llava" else "lm_head.weight"]
+        torch.testing.assert_close(model.get_output_embeddings().weight, lm_head)
+        image_tokens = (28 // 14) ** 2  # one token per vision patch
+        ids = torch.tensor([[1] + [IMAGE_TOKEN] * image_tokens + [5, 7, 9]])
+        pixels = torch.randn(1, 3, 28, 28, dtype=model.dtype)
+        with torch.no_grad():
+            text_only = model.generate(input_ids=torch.tensor([[1, 5, 7]]), max_new_tokens=4, do_sample=False)
+            with_image = model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+        assert text_only.shape == (1, 7) and with_image.shape == (1, ids.shape[1] + 4)
+        assert int(text_only.max()) < BASE_VOCAB + 4
+
+
+@pytest.mark.parametrize("method", ["dare", "della", "neu-p-bread"])
+def test_same_seed_same_bytes_other_seed_other_bytes(tiny, tmp_path, method):
+    paths = [fuse(str(tiny.tuned), str(tiny.base), method, {}, tmp_path / name, seed=seed, shard_bytes=SMALL_SHARDS).path for name, seed in (("a", 7), ("b", 7), ("c", 8))]
+    files = sorted(p.name for p in paths[0].glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in paths[1].glob("*.safetensors"))
+    read = [b"".join((p / f).read_bytes() for f in files) for p in paths]
+    assert read[0] == read[1]
+    if method != "neu-p-bread":  # breadcrumbs draws nothing at random
+        assert read[0] != read[2]
+
+
+def test_recipe_recorded_and_output_reused(tiny, tmp_path):
+    first = merged(tiny, tmp_path, "ties", density=0.3)
+    recipe = json.loads((first.path / RECIPE_FILE).read_text())
+    assert recipe["method"] == "ties" and recipe["params"] == {"density": 0.3, "lambda": 1.0}
+    assert recipe["tuned"] == str(tiny.tuned) and recipe["version"]
+    header = (first.path / sorted(p.name for p in first.path.glob("*.safetensors"))[0]).read_bytes()
+    meta = json.loads(header[8 : 8 + struct.unpack("<Q", header[:8])[0]])["__metadata__"]
+    assert meta["format"] == "pt" and json.loads(meta["fusion_recipe"])["params"]["density"] == 0.3
+    assert (first.path / "config.json").read_text() == (tiny.tuned / "config.json").read_text()
+    again = merged(tiny, tmp_path, "ties", density=0.3)
+    assert again.reused and again.path == first.path
+    with pytest.raises(FusionError, match="already exists and holds something else"):
+        merged(tiny, tmp_path, "ties", density=0.4)
+
+
+def test_cache_dir_keys_by_recipe(tiny, tmp_path):
+    a = fuse(str(tiny.tuned), str(tiny.base), "dare", cache_dir=tmp_path)
+    b = fuse(str(tiny.tuned), str(tiny.base), "dare", cache_dir=tmp_path)
+    c = fuse(str(tiny.tuned), str(tiny.base), "dare", seed=1, cache_dir=tmp_path)
+    assert b.reused and a.path == b.path and c.path != a.path and not c.reused
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.path.name, c.path.name])
+
+
+def test_inspect_reports_every_layer_and_kind(tiny):
+    report = inspect_pair(str(tiny.tuned), str(tiny.base), {"top_ratio": 1 / 32})
+    kinds = {(k["layer"], k["kind"]) for k in report["kinds"]}
+    assert {(0, "ffn"), (1, "ffn"), (0, "attn_v"), (1, "attn_q"), (None, "embed_tokens")} <= kinds
+    assert report["summary"]["located"] == sum(k["located"] for k in report["kinds"])
+    assert 0 < report["summary"]["located_share"] < 1
+
+
+def test_grouped_query_attention_pair_merges(tmp_path):
+    pair = build_pair(tmp_path, layout="llava", kv_heads=2)
+    result = fuse(str(pair.tuned), str(pair.base), "neuron_fusion", {"top_ratio": 1}, tmp_path / "out")
+    assert {k["kind"] for k in result.report} >= {"attn_v", "attn_o"}
+    out, tuned = tensors(result.path), tensors(pair.tuned)
+    assert all(torch.equal(out[k], tuned[k]) for k in tuned)
+
+
+# --- errors: a clear message, and nothing left behind ---------------------------------------
+
+
+def expect_error(root: Path, tuned: Path, base: Path, fragment: str, method="ties", **params):
+    """The merge into ``root/out`` fails with ``fragment`` in its message and adds nothing to
+    ``root`` (no output, no staging directory)."""
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(FusionError) as err:
+        fuse(str(tuned), str(base), method, params, root / "out")
+    assert fragment in str(err.value)
+    assert sorted(p.name for p in root.iterdir()) == before
+    return str(err.value)
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    return build_pair(tmp_path, layout="llava")
+
+
+def test_error_hidden_size_differs(fresh, tmp_path):
+    other = build_pair(tmp_path / "other", layout="llm")
+    cfg = json.loads((other.base / "config.json").read_text())
+    cfg["hidden_size"] = 64
+    (other.base / "config.json").write_text(json.dumps(cfg))
+    message = expect_error(tmp_path, fresh.tuned, other.base, "differ in hidden_size")
+    assert "64" in message and "config.json" in message
+
+
+def test_error_architecture_differs(fresh, tmp_path):
+    cfg = json.loads((fresh.base / "config.json").read_text())
+    cfg["model_type"] = "qwen2"
+    (fresh.base / "config.json").write_text(json.dumps(cfg))
+    expect_error(tmp_path, fresh.tuned, fresh.base, "differ in model_type")
+
+
+def test_error_language_model_tensor_missing_in_base(fresh, tmp_path):
+    base = open_checkpoint(str(fresh.base))
+    kept = {k: base.get(k).clone() for k in base.keys() if k != "model.layers.1.mlp.up_proj.weight"}
+    write_checkpoint(tmp_path / "base2", kept, base.config)
+    message = expect_error(tmp_path, fresh.tuned, tmp_path / "base2", "model.layers.1.mlp.up_proj.weight")
+    assert "language_model.model.layers.1.mlp.up_proj.weight" in message
+
+
+def test_error_irreconcilable_shapes(fresh, tmp_path):
+    base = open_checkpoint(str(fresh.base))
+    tensors_ = {k: base.get(k).clone() for k in base.keys()}
+    tensors_["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(16, 32, dtype=torch.bfloat16)
+    write_checkpoint(tmp_path / "base2", tensors_, base.config)
+    expect_error(tmp_path, fresh.tuned, tmp_path / "base2", "cannot reconcile the shape of 'language_model.model.layers.0.self_attn.q_proj.weight'")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_error_corrupt_or_truncated_safetensors(fresh, tmp_path, damage):
+    shard = sorted(fresh.tuned.glob("*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    expect_error(tmp_path, fresh.tuned, fresh.base, shard.name)
+
+
+def test_error_parameter_out_of_range_writes_nothing(fresh, tmp_path):
+    expect_error(tmp_path, fresh.tuned, fresh.base, "'density' of method 'ties' is 1.5", density=1.5)
+
+
+def test_error_pickle_weights_need_explicit_consent(fresh, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((fresh.base / "config.json").read_text())
+    base = open_checkpoint(str(fresh.base))
+    torch.save({k: base.get(k).clone() for k in base.keys()}, pickled / "pytorch_model.bin")
+    expect_error(tmp_path, fresh.tuned, pickled, "--allow-pickle")
+    result = fuse(str(fresh.tuned), str(pickled), "ties", out=tmp_path / "ok", allow_pickle=True)
+    assert (result.path / "model.safetensors").exists()
+
+
+def test_error_unreachable_hub_without_local_copy(fresh, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, local_files_only=False, **kwargs):
+        if local_files_only:
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not in the cache")
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    message = expect_error(tmp_path, fresh.tuned, Path("lmsys/vicuna-7b-v1.5"), "cannot fetch 'lmsys/vicuna-7b-v1.5'")
+    assert "connection refused" in message and "no local copy" in message
+
+
+def test_error_not_a_model_reference(fresh, tmp_path):
+    expect_error(tmp_path, fresh.tuned, tmp_path / "no" / "such" / "dir", "no such directory")
+
+
+def test_failure_midway_removes_the_partial_output(fresh, tmp_path, monkeypatch):
+    import fusion.merge
+
+    real, calls = fusion.merge._merge_tensor, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise FusionError("disk full (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fusion.merge, "_merge_tensor", failing)
+    expect_error(tmp_path, fresh.tuned, fresh.base, "disk full")
+    assert len(calls) == 6
