@@ -80,7 +80,7 @@ def magnitude_at_rank(x: Tensor, rank: int) -> float:
     return float(candidates.kthvalue(candidates.numel() - (rank - higher) + 1).values)
 
 
-def _count(fraction: float, n: int) -> int:
+def count_for(fraction: float, n: int) -> int:
     """round(fraction · n), halves rounded up, as an element or neuron count."""
     return min(n, int(fraction * n + 0.5))
 
@@ -90,7 +90,7 @@ def keep_largest(delta: Tensor, density: float) -> Tensor:
 
     Entries equal to the threshold are all kept, so the result does not depend on the order of
     equal values."""
-    keep = _count(density, delta.numel())
+    keep = count_for(density, delta.numel())
     if keep == 0:
         return delta.zero_()
     if keep < delta.numel():
@@ -103,7 +103,7 @@ def keep_band(delta: Tensor, density: float, gamma: float) -> Tensor:
     """Breadcrumbs: drop the largest ``gamma`` fraction (outliers) and the smallest entries so
     that a ``density`` fraction remains (in place)."""
     n = delta.numel()
-    top, keep = _count(gamma, n), _count(density, n)
+    top, keep = count_for(gamma, n), count_for(density, n)
     keep = min(keep, n - top)
     if keep == 0:
         return delta.zero_()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .errors import FusionError
+from .methods import count_for
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -168,7 +169,7 @@ def change_scores(
 def top_fraction(scores: Tensor, ratio: float) -> Tensor:
     """Indices (ascending) of the ``ratio`` fraction of highest scores, round-half-up count;
     equal scores are taken in index order, so the choice is deterministic."""
-    count = min(scores.numel(), int(ratio * scores.numel() + 0.5))
+    count = count_for(ratio, scores.numel())
     order = torch.argsort(scores, descending=True, stable=True)
     return order[:count].sort().values
 

@@ -253,7 +253,7 @@ def resolve(method: str, values: Mapping[str, Any] | None = None, seed: int = 0)
         )
     params = {p.name: p.parse(values.get(p.name, p.default), method) for p in params_schema}
     for check in (spec.check, BASELINES[inner].check if inner else None):
-        problem = check({**params, "lambda": params.get("lambda", 1.0)}) if check else None
+        problem = check(params) if check else None
         if problem:
             raise FusionError(f"method '{method}': {problem}")
     if not isinstance(seed, int) or seed < 0:
