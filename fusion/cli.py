@@ -69,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", dest="json_out", help="also write the full report (with score curves) to this file")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
+
+    bench = sub.add_parser("eval", help="the behaviour bench: language/visual accuracy, hallucination and Not-Known rates")
+    bench.add_argument("--preset", required=True, help="model pair and probe set (e.g. pocket, llava-1.5-7b)")
+    bench.add_argument("--methods", default="task_arithmetic,ties,breadcrumbs,dare,della,neuron_fusion", help="comma-separated methods, each at its defaults")
+    bench.add_argument("--out", required=True, help="directory for results.json, results.md, results.png, replies.jsonl")
+    bench.add_argument("--sweep", action="store_true", help="sweep each method's strength knob and plot the language-vs-visual trade-off")
+    bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    bench.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -140,9 +148,26 @@ def run_methods(_: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .evaluate import markdown_table, parse_methods, run_bench, run_sweep
+    from .presets import get_preset
+
+    preset, methods, out = get_preset(args.preset), parse_methods(args.methods), Path(args.out)
+    if args.sweep:
+        run_sweep(preset, [m for m, _ in methods], out, device=args.device, seed=args.seed)
+        print(f"sweep written to {out / 'sweep.json'} and {out / 'sweep.png'}")
+    else:
+        rows = run_bench(preset, methods, out, device=args.device, seed=args.seed)
+        print(markdown_table(rows))
+        print(f"written to {out}/results.json, results.md, results.png, replies.jsonl")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods}
+    commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:
         return commands[args.command](args)
     except FusionError as err:
