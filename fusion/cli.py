@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sweep", action="store_true", help="sweep each method's strength knob and plot the language-vs-visual trade-off")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--limit", type=int, help="use only the first N text and N image probes (a quick look)")
     return parser
 
 
@@ -156,10 +157,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     preset, methods, out = get_preset(args.preset), parse_methods(args.methods), Path(args.out)
     if args.sweep:
-        run_sweep(preset, [m for m, _ in methods], out, device=args.device, seed=args.seed)
+        run_sweep(preset, [m for m, _ in methods], out, device=args.device, seed=args.seed, limit=args.limit)
         print(f"sweep written to {out / 'sweep.json'} and {out / 'sweep.png'}")
     else:
-        rows = run_bench(preset, methods, out, device=args.device, seed=args.seed)
+        rows = run_bench(preset, methods, out, device=args.device, seed=args.seed, limit=args.limit)
         print(markdown_table(rows))
         print(f"written to {out}/results.json, results.md, results.png, replies.jsonl")
     return 0

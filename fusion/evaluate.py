@@ -112,10 +112,13 @@ def run_bench(
     include_tuned: bool = True,
     device: str = "cpu",
     seed: int = 0,
+    limit: int | None = None,
     log: Any = print,
 ) -> list[dict[str, Any]]:
-    """Score base, tuned and each fused model; returns the rows also written to ``out``."""
+    """Score base, tuned and each fused model; returns the rows also written to ``out``.
+    ``limit`` keeps the first N text and N image probes (a quick look)."""
     text, visual = load_probes(probe_path(preset))
+    text, visual = text[:limit], visual[:limit]
     root = probe_path(preset).parent
     rows, all_replies = [], []
 
@@ -185,13 +188,13 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def run_sweep(preset: Preset, methods: Sequence[str], out: Path, *, device: str = "cpu", seed: int = 0, log: Any = print) -> list[dict[str, Any]]:
+def run_sweep(preset: Preset, methods: Sequence[str], out: Path, *, device: str = "cpu", seed: int = 0, limit: int | None = None, log: Any = print) -> list[dict[str, Any]]:
     """Each method along its strength knob (SWEEPS); one trade-off plot of all of them."""
-    rows = run_bench(preset, [], out, include_base=True, include_tuned=True, device=device, seed=seed, log=log)
+    rows = run_bench(preset, [], out, device=device, seed=seed, limit=limit, log=log)
     for method in methods:
         knob, values = SWEEPS[resolve(method).method]
         points = [(method, {knob: v}) for v in values]
-        for row in run_bench(preset, points, out / f"sweep-{method}", include_base=False, include_tuned=False, device=device, seed=seed, log=log):
+        for row in run_bench(preset, points, out / f"sweep-{method}", include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
             rows.append({**row, "knob": knob, "value": row["params"][knob]})
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     tradeoff_plot(rows, out / "sweep.png", preset.name)

@@ -75,7 +75,8 @@ class Sizes:
     base_steps: int = 2500
     base_lr: float = 3e-3
     tune_steps: int = 1200
-    tune_lr: float = 1e-3
+    tune_lr: float = 2e-4  # the language model's
+    vision_lr: float = 2e-3  # vision tower and projector
     batch: int = 32
 
 
@@ -132,9 +133,10 @@ def batches(examples: Sequence[Example], size: int, steps: int, pad: int, rng: r
         yield ids, mask, labels, images
 
 
-def train(model: torch.nn.Module, data, steps: int, lr: float, log: Callable[[int, float], None]) -> list[float]:
-    """AdamW with linear warm-up and cosine decay; returns the loss curve (every 100 steps)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+def train(model: torch.nn.Module, data, steps: int, groups: Sequence[tuple], log: Callable[[int, float], None]) -> list[float]:
+    """AdamW over (parameters, learning rate) groups with linear warm-up and cosine decay;
+    returns the loss curve (mean every 100 steps)."""
+    opt = torch.optim.AdamW([{"params": list(p), "lr": lr} for p, lr in groups], weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
@@ -187,17 +189,9 @@ def make_processor(tok: PreTrainedTokenizerFast, sizes: Sizes) -> LlavaProcessor
     )
 
 
-def train_pocket(out: Path, seed: int = 0, sizes: Sizes = Sizes(), log: Callable[[str], None] = print) -> dict:
-    """Build the world, train base and LLaVA, save both under ``out``; returns the record."""
-    torch.manual_seed(seed)
-    torch.set_num_threads(1)  # bitwise repeatable runs
-    rng = random.Random(seed)
-    start = time.perf_counter()
-    world = make_world(seed, image_size=sizes.image_size)
-    corpus = list(world.facts_text) + [render_prompt(i.question) + " " + i.target for i in world.text_train]
-    corpus += [render_prompt(i.question) + " " + i.target for i in world.visual_train]
-    tok = build_tokenizer(corpus, sizes.vocab)
-    text_cfg = dict(
+def _text_config(tok: PreTrainedTokenizerFast, sizes: Sizes, vocab: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=sizes.hidden,
         intermediate_size=sizes.intermediate,
         num_hidden_layers=sizes.layers,
@@ -210,28 +204,35 @@ def train_pocket(out: Path, seed: int = 0, sizes: Sizes = Sizes(), log: Callable
         pad_token_id=tok.pad_token_id,
     )
 
-    # Stage 0: the base LM, with its language skills
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **text_cfg))
-    log(f"base LM: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
-    base_curve = train(
-        base,
-        batches(base_examples(world, tok), sizes.batch, sizes.base_steps, tok.pad_token_id, rng),
-        sizes.base_steps,
-        sizes.base_lr,
-        lambda s, l: log(f"  base step {s}: loss {l:.3f}"),
-    )
-    base.generation_config.pad_token_id = tok.pad_token_id
-    base.save_pretrained(out / "base")
-    tok.save_pretrained(out / "base")
 
-    # Stage 2: LLaVA tuned from the base on images only; <image> added and the vocabulary
-    # padded to a multiple of 64, as llava-hf does (32000 -> 32064)
-    tuned_tok = PreTrainedTokenizerFast.from_pretrained(out / "base")
-    tuned_tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    tuned_vocab = -(-len(tuned_tok) // 64) * 64
+def train_base(world: World, out: Path, sizes: Sizes, rng: random.Random, log: Callable[[str], None]) -> list[float]:
+    """Stage 0: tokenizer and base LM with the world's language skills, saved to ``out``."""
+    corpus = list(world.facts_text) + [render_prompt(i.question) + " " + i.target for i in world.text_train]
+    corpus += [render_prompt(i.question) + " " + i.target for i in world.visual_train]
+    tok = build_tokenizer(corpus, sizes.vocab)
+    base = LlamaForCausalLM(_text_config(tok, sizes, len(tok)))
+    log(f"base LM: {sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, vocab {len(tok)}")
+    data = batches(base_examples(world, tok), sizes.batch, sizes.base_steps, tok.pad_token_id, rng)
+    curve = train(base, data, sizes.base_steps, [(base.parameters(), sizes.base_lr)], lambda s, l: log(f"  base step {s}: loss {l:.3f}"))
+    base.generation_config.pad_token_id = tok.pad_token_id
+    base.save_pretrained(out)
+    tok.save_pretrained(out)
+    return curve
+
+
+def tune_llava(world: World, base_dir: Path, out: Path, sizes: Sizes, rng: random.Random, log: Callable[[str], None]) -> list[float]:
+    """Stage 2: a LLaVA whose language model starts as the base LM, tuned on images only.
+
+    As in LLaVA's recipe, the new parts (vision tower, projector) learn fast and the language
+    model slowly; ``<image>`` is added and the vocabulary padded to a multiple of 64, as
+    llava-hf does (32000 -> 32064)."""
+    tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    vocab = -(-len(tok) // 64) * 64
     image_tokens = (sizes.image_size // sizes.patch) ** 2
     config = LlavaConfig(
-        text_config=LlamaConfig(vocab_size=tuned_vocab, **text_cfg),
+        text_config=_text_config(tok, sizes, vocab),
         vision_config=CLIPVisionConfig(
             hidden_size=sizes.vision_hidden,
             intermediate_size=2 * sizes.vision_hidden,
@@ -241,27 +242,37 @@ def train_pocket(out: Path, seed: int = 0, sizes: Sizes = Sizes(), log: Callable
             patch_size=sizes.patch,
             projection_dim=sizes.vision_hidden,
         ),
-        image_token_id=tuned_tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=image_tokens,
         vision_feature_layer=-1,
     )
     llava = LlavaForConditionalGeneration(config)
-    with torch.no_grad():  # the language model starts as the base LM
+    with torch.no_grad():
         lm = llava.model.language_model
-        lm.load_state_dict(base.model.state_dict() | {"embed_tokens.weight": _pad_rows(base.model.embed_tokens.weight, tuned_vocab)})
-        llava.lm_head.weight.copy_(_pad_rows(base.lm_head.weight, tuned_vocab))
-    processor = make_processor(tuned_tok, sizes)
+        lm.load_state_dict(base.model.state_dict() | {"embed_tokens.weight": _pad_rows(base.model.embed_tokens.weight, vocab)})
+        llava.lm_head.weight.copy_(_pad_rows(base.lm_head.weight, vocab))
+    processor = make_processor(tok, sizes)
     log(f"LLaVA: {sum(p.numel() for p in llava.parameters()) / 1e6:.2f} M parameters, {image_tokens} image tokens")
-    tune_curve = train(
-        llava,
-        batches(visual_examples(world, tuned_tok, processor, image_tokens), sizes.batch, sizes.tune_steps, tuned_tok.pad_token_id, rng),
-        sizes.tune_steps,
-        sizes.tune_lr,
-        lambda s, l: log(f"  tune step {s}: loss {l:.3f}"),
-    )
-    llava.generation_config.pad_token_id = tuned_tok.pad_token_id
-    llava.save_pretrained(out / "llava")
-    processor.save_pretrained(out / "llava")
+    language = list(llava.model.language_model.parameters()) + list(llava.lm_head.parameters())
+    visual = list(llava.model.vision_tower.parameters()) + list(llava.model.multi_modal_projector.parameters())
+    data = batches(visual_examples(world, tok, processor, image_tokens), sizes.batch, sizes.tune_steps, tok.pad_token_id, rng)
+    groups = [(language, sizes.tune_lr), (visual, sizes.vision_lr)]
+    curve = train(llava, data, sizes.tune_steps, groups, lambda s, l: log(f"  tune step {s}: loss {l:.3f}"))
+    llava.generation_config.pad_token_id = tok.pad_token_id
+    llava.save_pretrained(out)
+    processor.save_pretrained(out)
+    return curve
+
+
+def train_pocket(out: Path, seed: int = 0, sizes: Sizes = Sizes(), log: Callable[[str], None] = print) -> dict:
+    """Build the world, train base and LLaVA, save both under ``out``; returns the record."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)  # bitwise repeatable runs
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    world = make_world(seed, image_size=sizes.image_size)
+    base_curve = train_base(world, out / "base", sizes, rng, log)
+    tune_curve = tune_llava(world, out / "base", out / "llava", sizes, rng, log)
     record = {
         "command": f"python -m fusion.pocket train --out {out} --seed {seed}",
         "seed": seed,
