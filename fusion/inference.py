@@ -8,9 +8,10 @@ greedy, so answers are repeatable.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from threading import Thread
 from typing import Any
 
 import torch
@@ -62,12 +63,31 @@ class ChatModel:
             tokenizer.chat_template = VICUNA_TEMPLATE
         return cls(model, processor, multimodal, name or str(path))
 
-    def prompt(self, question: str, image: bool) -> str:
-        content: Any = question
-        if self.multimodal:
-            content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
+    def prompt(self, question: str, image: bool, history: Sequence[tuple[str, str]] = ()) -> str:
+        """The chat-templated prompt; ``history`` holds earlier (question, answer) turns, and the
+        image (if any) goes with the first user turn, as LLaVA-1.5 was tuned."""
+        messages: list[dict[str, Any]] = []
+        for i, (q, a) in enumerate([*history, (question, None)]):
+            messages.append({"role": "user", "content": self._content(q, image and i == 0)})
+            if a is not None:
+                messages.append({"role": "assistant", "content": a if not self.multimodal else [{"type": "text", "text": a}]})
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _content(self, text: str, image: bool) -> Any:
+        if not self.multimodal:
+            return text
+        return ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+
+    def _inputs(self, texts: list[str], images: list[Image.Image] | None) -> Any:
+        """Tokenized prompts (and pixels) on the model's device, left-padded."""
+        if self.multimodal:
+            inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        else:
+            inputs = self.processor(texts, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
 
     @torch.inference_mode()
     def answer(self, questions: Sequence[str], images: Sequence[Image.Image | None] | None = None, *, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
@@ -82,15 +102,37 @@ class ChatModel:
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start : start + batch_size]
                 texts = [self.prompt(questions[i], with_image) for i in chunk]
-                if self.multimodal:
-                    inputs = self.processor(text=texts, images=[images[i] for i in chunk] if with_image else None, padding=True, return_tensors="pt")
-                else:
-                    inputs = self.processor(texts, padding=True, return_tensors="pt")
-                inputs = inputs.to(self.model.device)
-                if "pixel_values" in inputs:
-                    inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+                inputs = self._inputs(texts, [images[i] for i in chunk] if with_image else None)
                 out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
                 new = out[:, inputs["input_ids"].shape[1] :]
                 for i, text in zip(chunk, self.tokenizer.batch_decode(new, skip_special_tokens=True)):
                     answers[i] = text.strip()
         return answers
+
+    def stream(self, question: str, image: Image.Image | None = None, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 64) -> Iterator[str]:
+        """The greedy answer to one question, yielded as it grows (the app shows it live).
+        Generation runs in a thread feeding transformers' ``TextIteratorStreamer``; an error
+        there ends the stream and is raised here."""
+        from transformers import TextIteratorStreamer
+
+        if image is not None and not self.multimodal:
+            raise ValueError(f"{self.name} is a text-only model: it cannot take images")
+        inputs = self._inputs([self.prompt(question, image is not None, history)], [image] if image is not None else None)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            except BaseException as err:  # handed to the consumer below
+                failure.append(err)
+                streamer.end()
+
+        Thread(target=generate, daemon=True).start()
+        text = ""
+        for piece in streamer:
+            text += piece
+            yield text.strip()
+        if failure:
+            raise failure[0]

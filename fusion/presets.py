@@ -17,6 +17,9 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 @dataclass(frozen=True)
 class Preset:
+    """A pair to fuse. ``label`` and ``base_label`` name the models in the UI; ``gpu`` says a
+    CUDA GPU is recommended (the app then offers 4-bit loading)."""
+
     name: str
     tuned: str
     base: str
@@ -24,8 +27,12 @@ class Preset:
     params: dict[str, Any] = field(default_factory=dict)
     probes: str = "llava-1.5.json"
     note: str = ""
+    label: str = "LLaVA-1.5"
+    base_label: str = "Vicuna"
+    gpu: bool = True
 
 
+# Each hub pair's base is the one its model card names as the language model it was tuned from.
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -34,7 +41,35 @@ PRESETS: dict[str, Preset] = {
             "llava-hf/llava-1.5-7b-hf",
             "lmsys/vicuna-7b-v1.5",
             "neu-p-taska",
-            note="The paper's pair: LLaVA-1.5-7B and the Vicuna-7B-v1.5 it was tuned from (GPU recommended).",
+            note="The paper's pair: LLaVA-1.5-7B and the Vicuna-7B-v1.5 it was tuned from (~14 GB each in fp16; GPU recommended, 4-bit fits a T4).",
+            base_label="Vicuna-7B-v1.5",
+        ),
+        Preset(
+            "llava-1.5-13b",
+            "llava-hf/llava-1.5-13b-hf",
+            "lmsys/vicuna-13b-v1.5",
+            "neu-p-taska",
+            note="LLaVA-1.5-13B and Vicuna-13B-v1.5 (~26 GB each in fp16; a 24 GB GPU with 4-bit, or device_map='auto').",
+            base_label="Vicuna-13B-v1.5",
+        ),
+        Preset(
+            "llava-llama-3-8b",
+            "xtuner/llava-llama-3-8b-v1_1-transformers",
+            "meta-llama/Meta-Llama-3-8B-Instruct",
+            "neu-p-taska",
+            note="XTuner's LLaVA-Llama-3-8B v1.1 (full LLM fine-tuning) and its Llama-3-8B-Instruct base (gated on the hub: log in first).",
+            label="LLaVA-Llama-3-8B",
+            base_label="Llama-3-8B-Instruct",
+        ),
+        Preset(
+            "tiny-llava-1.4b",
+            "bczhou/tiny-llava-v1-hf",
+            "PY007/TinyLlama-1.1B-Chat-v0.3",
+            "neu-p-taska",
+            note="TinyLLaVA-1.4B, tuned from TinyLlama-1.1B-Chat-v0.3 on LLaVA-1.5's data: small enough for a CPU Space.",
+            label="TinyLLaVA-1.4B",
+            base_label="TinyLlama-1.1B-Chat",
+            gpu=False,
         ),
         Preset(
             "pocket",
@@ -42,7 +77,10 @@ PRESETS: dict[str, Preset] = {
             str(ASSETS / "pocket" / "base"),
             "neu-p-taska",
             probes="pocket.json",
-            note="A bundled tiny Vicuna/LLaVA pair trained on a synthetic world; runs offline on a CPU in seconds.",
+            note="A bundled tiny Vicuna/LLaVA pair trained on a synthetic world (assets/pocket); runs offline on a CPU in seconds.",
+            label="Pocket-LLaVA",
+            base_label="Pocket-Vicuna",
+            gpu=False,
         ),
     )
 }

@@ -1,0 +1,302 @@
+"""Neuron-Fusion Studio: the Gradio app. UI wiring only; the logic is in ``fusion/studio.py``.
+
+    python app.py [--preset pocket] [--method neu-p-taska] [--4bit] [--device auto|cpu|cuda]
+
+The models load (and fuse) in the background while the page already serves and shows the
+progress. API (``gradio_client``): ``/compare_text`` (message), ``/compare_image`` (image,
+message), ``/status``; see README.md, "The app".
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # readiness is timed from here, before the heavy imports
+
+import functools  # noqa: E402
+import html  # noqa: E402
+import inspect  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from gradio.data_classes import FileData  # noqa: E402
+
+from fusion.errors import FusionError  # noqa: E402
+from fusion.evaluate import load_probes  # noqa: E402
+from fusion.presets import ASSETS, PRESETS, Preset, get_preset, probe_path  # noqa: E402
+from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
+from fusion.studio import (  # noqa: E402
+    FALLBACK_PRESET,
+    Studio,
+    StudioError,
+    all_params,
+    badges_html,
+    behaviour,
+    curve_figure,
+    example_images,
+    example_prompts,
+    format_progress,
+    highlighted,
+    located_figure,
+    method_params,
+    parse_settings,
+    recipe_card,
+    titles,
+)
+
+try:  # ZeroGPU Spaces: a GPU is attached only inside functions decorated with spaces.GPU
+    import spaces
+
+    gpu = spaces.GPU
+except ImportError:
+
+    def gpu(fn: Callable) -> Callable:
+        return fn
+
+
+COLOURS = {"context_hallucination": "#fca5a5", "not_known": "#fcd34d"}
+CSS = """
+.nf-badge { display: inline-block; padding: 2px 10px; margin: 2px; border-radius: 999px; font-size: 0.85em; font-weight: 600; }
+.nf-context_hallucination { background: #fca5a5; color: #7f1d1d; }
+.nf-not_known { background: #fcd34d; color: #78350f; }
+.nf-clean { background: #d1fae5; color: #065f46; }
+"""
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Show a StudioError/FusionError as a message in the UI (or the API's error) instead of a
+    traceback; works for plain and generator handlers."""
+
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen(*args: Any, **kwargs: Any) -> Any:
+            try:
+                yield from fn(*args, **kwargs)
+            except (StudioError, FusionError) as err:
+                raise gr.Error(str(err), print_exception=False) from None
+
+        return gen
+
+    @functools.wraps(fn)
+    def plain(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (StudioError, FusionError) as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    return plain
+
+
+def as_messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """Chat turns for gr.Chatbot. It renders HTML, so text is escaped: model output is shown
+    as text."""
+    return [m for q, a in turns for m in ({"role": "user", "content": html.escape(q)}, {"role": "assistant", "content": html.escape(a)})]
+
+
+class ChatTab:
+    """One chat tab: a column per model (chat, behaviour badges, the latest answer with the
+    matched words highlighted), a message box, per-session histories."""
+
+    def __init__(self, studio: Studio, names: tuple[str, ...], image: gr.Image | None, with_base: gr.Checkbox | None) -> None:
+        self.studio, self.image, self.with_base = studio, image, with_base
+        self.chats, self.badges, self.marked, self.columns = [], [], [], []
+        with gr.Row(equal_height=False):
+            for i, name in enumerate(names):
+                with gr.Column(visible=i < 2, elem_classes=["nf-column"]) as column:
+                    self.chats.append(gr.Chatbot(label=name, render_markdown=False, height=340, elem_classes=["nf-chat"]))
+                    self.badges.append(gr.HTML("", elem_classes=["nf-badges"]))
+                    self.marked.append(gr.HighlightedText(label="Latest answer (behaviour highlighted)", color_map=COLOURS, combine_adjacent=True, elem_classes=["nf-marked"]))
+                self.columns.append(column)
+        self.history = gr.State([[] for _ in names])
+        with gr.Row():
+            self.message = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=5, max_lines=6, elem_classes=["nf-message"])
+            self.send = gr.Button("Send", variant="primary", scale=1, elem_classes=["nf-send"])
+            self.clear = gr.Button("Clear", scale=1)
+        self.outputs = [*self.chats, *self.badges, *self.marked, self.history, self.message]
+        inputs = [self.message, self.history] + ([self.image] if image else []) + ([self.with_base] if with_base else [])
+        for trigger in (self.send.click, self.message.submit):
+            trigger(self.respond, inputs, self.outputs, concurrency_id="models", api_visibility="private")
+        self.clear.click(self.reset, None, self.outputs, queue=False, api_visibility="private")
+        if image is not None:
+            image.change(self.reset, None, self.outputs, queue=False, api_visibility="private")
+
+    def view(self, histories: list[list[tuple[str, str]]], latest: list[str | None]) -> list[Any]:
+        answers = [a if a is not None else "" for a in latest]
+        return [
+            *(as_messages(h) for h in histories),
+            *(badges_html(behaviour(a)["labels"]) if a else "" for a in answers),
+            *(highlighted(a) if a else None for a in answers),
+        ]
+
+    def reset(self) -> list[Any]:
+        empty = [[] for _ in self.chats]
+        return [*self.view(empty, [None] * len(self.chats)), empty, ""]
+
+    @gpu
+    @user_errors
+    def respond(self, message: str, histories: list[list[tuple[str, str]]], *extra: Any) -> Any:
+        image = extra[0] if self.image is not None else None
+        with_base = bool(extra[-1]) if self.with_base is not None else False
+        text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base)
+        n = 3 if with_base else 2
+        answers: list[str] = [""] * n
+        for answers in stream:
+            live = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
+            yield [*self.view(live, answers + [None] * (len(histories) - n)), histories, ""]
+        done = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
+        yield [*self.view(done, answers + [None] * (len(histories) - n)), done, ""]
+
+
+def control(p: Param) -> gr.components.Component:
+    """A UI control for one registry parameter."""
+    common = {"label": p.name, "info": f"{p.help} · range {p.range_text()}", "visible": False, "elem_classes": ["nf-param"]}
+    if p.kind is bool:
+        return gr.Checkbox(value=p.default, **common)
+    if p.choices:
+        return gr.Dropdown(list(p.choices), value=p.default, **common)
+    if p.low is not None and p.high is not None:
+        return gr.Slider(p.low, p.high, value=p.default, step=0.001, **common)
+    return gr.Number(value=p.default, **common)
+
+
+def build(studio: Studio) -> gr.Blocks:
+    preset = get_preset(studio.settings.preset if studio.settings.preset in PRESETS else FALLBACK_PRESET)
+    method = studio.settings.method or preset.method
+    names = titles(preset, method)
+    params = all_params()
+
+    with gr.Blocks(title="Neuron-Fusion Studio") as demo:
+        gr.Markdown("# Neuron-Fusion Studio\nLLaVA-1.5 forgets some of its base LLM's language skills; Neuron-Fusion (Locate-then-Merge) gives them back without training. Ask both and compare.")
+        status = gr.Markdown(elem_id="nf-status")
+        timer = gr.Timer(1.0)
+
+        with gr.Tab("Image chat"):
+            with gr.Row():
+                image = gr.Image(type="filepath", image_mode=None, label="Image", height=260, sources=["upload", "clipboard"])
+            image_tab = ChatTab(studio, names[:2], image, None)
+            gr.Examples([list(e) for e in example_images(preset)], [image, image_tab.message], label="Examples: questions about objects that are not there")
+
+        with gr.Tab("Text chat"):
+            with_base = gr.Checkbox(label=f"Also ask the base LLM ({preset.base_label})", value=False)
+            text_tab = ChatTab(studio, names, None, with_base)
+            with_base.change(lambda on: gr.Column(visible=on), with_base, text_tab.columns[2], queue=False, api_visibility="private")
+            gr.Examples([[q] for q in example_prompts(preset)], [text_tab.message], label="Examples: text-only questions (tuned MLLMs answer 'In the image…' or decline)")
+
+        with gr.Tab("Fusion"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    chosen = gr.Dropdown(list(METHOD_NAMES), value=method, label="method")
+                    controls = [control(p) for p in params]
+                    fuse_button = gr.Button("Fuse", variant="primary")
+                    fuse_note = gr.Markdown()
+                with gr.Column(scale=2):
+                    card = gr.JSON(label="Recipe card")
+                    curve = gr.Plot(label="Sorted per-neuron change scores, each layer and kind (log-log)")
+                    located = gr.Plot(label="Located neurons per layer and kind")
+
+        with gr.Tab("Behaviour"):
+            gr.Markdown("The preset's probe set, asked to the original and the fused model: language accuracy, visual accuracy, and on text-only probes the Context-Hallucination and Not-Known rates.")
+            with gr.Row():
+                limit = gr.Slider(1, _probe_count(preset), value=min(8, _probe_count(preset)), step=1, label="probes per set (fewer is faster)")
+                run = gr.Button("Run probes", variant="primary")
+            chart = gr.Image(type="filepath", label="Rates", show_label=True)
+            table = gr.Markdown(elem_id="nf-bench-table")
+
+        fused_chats = [image_tab.chats[1], text_tab.chats[1]]
+        labelled = [image_tab.chats[0], *fused_chats, text_tab.chats[0], text_tab.chats[2]]
+
+        def refresh() -> list[Any]:
+            """The status line and, once ready, the loaded preset's column titles."""
+            s = studio.status
+            note = f"\n\n⚠️ {html.escape(s.notice)}" if s.notice else ""
+            line = [f"**{s.state.capitalize()}** · {html.escape(s.message)}{note}"]
+            if studio.pair is None:
+                return [*line, *(gr.update() for _ in labelled), gr.Timer(active=s.state == "loading")]
+            original, fused, base = titles(studio.pair.preset, studio.pair.method)
+            return [*line, *(gr.Chatbot(label=t) for t in (original, fused, fused, original, base)), gr.Timer(active=False)]
+
+        view_outputs = [status, *labelled, timer]
+        timer.tick(refresh, None, view_outputs, queue=False, api_visibility="private", show_progress="hidden")
+
+        def pair_view() -> list[Any]:
+            if studio.pair is None:
+                return [None, None, None, gr.update()]
+            pair = studio.pair
+            return [recipe_card(pair), curve_figure(pair.fusion.report), located_figure(pair.fusion.report), gr.Dropdown(value=pair.method)]
+
+        def loaded() -> list[Any]:
+            return [*refresh(), *pair_view(), *show_method(studio.pair.method if studio.pair else method)]
+
+        def show_method(name: str) -> list[Any]:
+            own = method_params(name)
+            return [gr.update(visible=p.name in own, **({"value": own[p.name].default} if p.name in own else {})) for p in params]
+
+        def show_inner(name: str, inner: str) -> list[Any]:
+            own = method_params(name, inner)
+            kept = {p.name for p in NEURON_FUSION_PARAMS}  # the user's Neuron-Fusion settings stay
+            return [gr.update(visible=p.name in own, **({"value": own[p.name].default} if p.name in own and p.name not in kept else {})) for p in params]
+
+        inner = controls[[p.name for p in params].index("inner")]
+        chosen.input(show_method, chosen, controls, queue=False, api_visibility="private")
+        inner.input(show_inner, [chosen, inner], controls, queue=False, api_visibility="private")
+        demo.load(loaded, None, [*view_outputs, card, curve, located, chosen, *controls], api_visibility="private")
+
+        @gpu
+        @user_errors
+        def refuse(name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
+            by_name = dict(zip((p.name for p in params), values))
+            wanted = method_params(name, by_name.get("inner"))
+            pair = studio.refuse(name, {k: by_name[k] for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)))
+            note = f"Fused with **{name}** in {pair.fusion.seconds:.1f} s{' (from cache)' if pair.fusion.reused else ''}; the fused columns now use it."
+            return [*pair_view()[:3], note, *(gr.Chatbot(label=titles(pair.preset, name)[1]) for _ in fused_chats)]
+
+        fuse_button.click(refuse, [chosen, *controls], [card, curve, located, fuse_note, *fused_chats], concurrency_limit=1, concurrency_id="fuse", api_visibility="private")
+
+        @gpu
+        @user_errors
+        def bench(n: float) -> tuple[str, str]:
+            _, markdown, path = studio.bench(int(n))
+            return str(path), markdown
+
+        run.click(bench, limit, [chart, table], concurrency_id="models", api_visibility="private")
+
+        @user_errors
+        def compare_text(message: str) -> dict:
+            """Both models' answers to a text-only message, with behaviour labels."""
+            return studio.compare(message)
+
+        @user_errors
+        def compare_image(image: FileData, message: str) -> dict:
+            """Both models' answers to a message about an image, with behaviour labels."""
+            path = image.get("path") if isinstance(image, dict) else getattr(image, "path", None)
+            return studio.compare(message, path, image_required=True)
+
+        def status_api() -> dict:
+            """Load state: {state: loading|ready|failed, message, notice, seconds}."""
+            return studio.status.as_dict()
+
+        gr.api(gpu(compare_text), api_name="compare_text", concurrency_id="models")
+        gr.api(gpu(compare_image), api_name="compare_image", concurrency_id="models")
+        gr.api(status_api, api_name="status", queue=False)
+    return demo
+
+
+def _probe_count(preset: Preset) -> int:
+    text, visual = load_probes(probe_path(preset))
+    return max(len(text), len(visual))
+
+
+def main() -> None:
+    settings = parse_settings()
+    studio = Studio(settings, log=lambda line: print(line, flush=True), started=STARTED)
+    studio.start()
+    demo = build(studio)
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
+    # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch() itself
+    demo.launch(css=CSS, max_file_size="10mb", allowed_paths=[str(ASSETS / "examples")], show_error=True)
+
+
+if __name__ == "__main__":
+    main()

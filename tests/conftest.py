@@ -1,0 +1,94 @@
+"""The running app, started once per test session for the API and browser tests.
+
+``python app.py`` runs as a subprocess on a free loopback port, on the pocket preset, with a
+temporary fusion cache (so it really fuses), exactly as a user starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT = 180.0
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    url: str
+    ready_seconds: float  # from process start until the models are loaded
+    log: Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(url: str) -> dict | None:
+    """The app's load state from its /status endpoint (plain HTTP: no client needed yet)."""
+    request = urllib.request.Request(f"{url}gradio_api/call/status", data=b'{"data": []}', headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            event_id = json.load(r)["event_id"]
+        with urllib.request.urlopen(f"{url}gradio_api/call/status/{event_id}", timeout=10) as r:
+            lines = r.read().decode().splitlines()
+    except OSError:
+        return None
+    data = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    return data[-1][0] if data and isinstance(data[-1], list) else None
+
+
+@contextmanager
+def running_app(tmp: Path) -> Iterator[RunningApp]:
+    """``python app.py`` on the pocket preset, a free loopback port and a fresh fusion cache
+    under ``tmp``, until the block ends (also used by benchmarks/screenshots.py)."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "NF_PRESET": "pocket",
+        "NF_DEVICE": "cpu",
+        "NEURON_FUSION_CACHE": str(tmp / "cache"),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+    }
+    log = tmp / "app.log"
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while not ((status := _status(url)) and status["state"] != "loading"):
+            if proc.poll() is not None or time.perf_counter() - start > READY_TIMEOUT:
+                raise RuntimeError(f"app did not become ready:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        if status["state"] != "ready":
+            raise RuntimeError(f"app failed to load: {status}")
+        yield RunningApp(url, time.perf_counter() - start, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
+    with running_app(tmp_path_factory.mktemp("app")) as running:
+        print(f"\napp ready {running.ready_seconds:.1f} s after start")
+        yield running

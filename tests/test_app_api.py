@@ -1,0 +1,85 @@
+"""The running app through its named API endpoints, as gradio_client users see it."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from fusion.detectors import detect
+from fusion.evaluate import load_probes
+from fusion.presets import ASSETS, get_preset, probe_path
+
+LOAD_REQUESTS = 20
+
+
+@pytest.fixture(scope="module")
+def client(app) -> Client:
+    return Client(app.url, verbose=False)
+
+
+def question() -> str:
+    return load_probes(probe_path(get_preset("pocket")))[0][0].question
+
+
+def check_answers(result: dict) -> None:
+    """Each model answered, and its labels are the detectors' on its answer."""
+    assert result["preset"] == "pocket"
+    for key in ("original", "fused"):
+        record = result[key]
+        assert isinstance(record["answer"], str) and record["answer"]
+        assert record["labels"] == [m.label for m in detect(record["answer"])]
+        assert [m["text"] for m in record["matches"]] == [m.text for m in detect(record["answer"])]
+    assert result["original"]["model"] != result["fused"]["model"]
+
+
+def test_ready_quickly(app) -> None:
+    print(f"start to ready: {app.ready_seconds:.1f} s")
+    assert app.ready_seconds < 120
+
+
+def test_compare_text(client: Client) -> None:
+    check_answers(client.predict(question(), api_name="/compare_text"))
+
+
+def test_compare_image(client: Client) -> None:
+    result = client.predict(handle_file(str(ASSETS / "examples" / "cat.jpg")), "Is there a dog in the image?", api_name="/compare_image")
+    check_answers(result)
+
+
+@pytest.mark.parametrize(
+    ("args", "api", "says"),
+    [
+        (("  ",), "/compare_text", "message is empty"),
+        (("x" * 5000,), "/compare_text", "limit is"),
+        ((handle_file(str(Path(__file__))), "What is this?"), "/compare_image", "not an image"),
+    ],
+)
+def test_bad_input_is_explained(client: Client, args: tuple, api: str, says: str) -> None:
+    with pytest.raises(Exception, match=says):
+        client.predict(*args, api_name=api)
+
+
+def test_concurrent_load(client: Client, app, record_property) -> None:
+    """20 requests at once: each is answered or told the queue is full; the app keeps serving."""
+    start = time.perf_counter()
+
+    def ask(i: int) -> tuple[str, float]:
+        try:
+            check_answers(client.predict(f"{question()} ({i})", api_name="/compare_text"))
+            return "answered", time.perf_counter() - start
+        except Exception as err:  # only a clear "queue is full" is acceptable
+            assert "queue" in str(err).lower() and "full" in str(err).lower(), err
+            return "queue full", time.perf_counter() - start
+
+    with ThreadPoolExecutor(LOAD_REQUESTS) as pool:
+        outcomes = list(pool.map(ask, range(LOAD_REQUESTS)))
+    last = max(t for _, t in outcomes)
+    answered = sum(o == "answered" for o, _ in outcomes)
+    print(f"load test: {answered}/{LOAD_REQUESTS} answered, last answer after {last:.1f} s")
+    record_property("load_test_last_answer_s", round(last, 2))
+    assert answered >= 1
+    check_answers(client.predict(question(), api_name="/compare_text"))

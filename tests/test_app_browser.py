@@ -1,0 +1,62 @@
+"""The running app in Debian's headless Chromium: load the page, send a text message, see two
+answers with behaviour badges, save a screenshot. Never runs ``playwright install``: the
+browser is the distribution's (``apt-get install chromium``, as .ci/run does)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from fusion.detectors import detect
+from fusion.evaluate import load_probes
+from fusion.presets import get_preset, probe_path
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)")
+
+
+def settled_texts(locator, timeout: float = 60.0) -> list[str]:
+    """The locator's texts once they stop changing (the answers have finished streaming)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        texts = [t.strip() for t in locator.all_inner_texts()]
+        if texts == last and all(texts):
+            return texts
+        last = texts
+        time.sleep(1.0)
+    raise AssertionError(f"answers still changing after {timeout} s: {last}")
+
+
+def test_text_chat_in_browser(app, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    question = load_probes(probe_path(get_preset("pocket")))[0][0].question
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url)
+            expect(page.locator("#nf-status")).to_contain_text("Ready", timeout=30_000)
+            page.get_by_role("tab", name="Text chat").click()
+            box = page.locator(".nf-message textarea").locator("visible=true")
+            box.fill(question)
+            box.press("Enter")
+            columns = page.locator(".nf-column").locator("visible=true")
+            expect(columns).to_have_count(2)
+            answers = columns.locator("[data-testid='bot']")
+            expect(answers).to_have_count(2, timeout=60_000)
+            texts = settled_texts(answers)
+            for i, text in enumerate(texts):
+                labels = [m.label for m in detect(text)]
+                badges = columns.nth(i).locator(".nf-badge")
+                expect(badges).to_have_count(max(1, len(labels)))
+                for label in labels or ["clean"]:
+                    expect(columns.nth(i).locator(f".nf-{label}")).to_be_visible()
+            shot = tmp_path / "text-chat.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            print(f"\nanswers: {texts}\nscreenshot: {shot}")
+        finally:
+            browser.close()
