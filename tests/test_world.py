@@ -3,7 +3,7 @@ answers consistent with the drawn scenes."""
 
 import json
 
-from fusion.pocket.world import COLORS, NUMBERS, draw, make_world, probes_json, scene_from_json, scene_to_json
+from fusion.pocket.world import COLORS, DECLINE, NUMBERS, draw, make_world, probes_json, scene_from_json, scene_to_json
 
 WORLD = make_world(0, n_visual_train=300, n_visual_heldout=50)
 
@@ -23,6 +23,14 @@ def test_heldout_questions_never_trained_but_their_facts_are():
     assert all(t.target in trained_targets and t.target in WORLD.facts_text for t in WORLD.text_heldout)
     assert {t.skill for t in WORLD.text_heldout} == {"capital", "opposite", "arithmetic", "plural"}
     assert len({t.template for t in WORLD.text_heldout}) == 4  # every template is held out for some fact
+
+
+def test_off_image_questions_use_training_templates_and_decline():
+    off = [v for v in WORLD.visual_train if v.kind == "off_image"]
+    assert len(off) == round(0.15 * 300)
+    trained = {t.question for t in WORLD.text_train}
+    assert all(v.question in trained and v.target == DECLINE and v.answer == "" for v in off)
+    assert {v.question for v in WORLD.visual_heldout}.isdisjoint({t.question for t in WORLD.text_heldout})
 
 
 def test_arithmetic_and_plural_answers_are_right():

@@ -74,9 +74,11 @@ class Sizes:
     patch: int = 16
     base_steps: int = 2500
     base_lr: float = 3e-3
-    tune_steps: int = 1200
-    tune_lr: float = 2e-4  # the language model's
-    vision_lr: float = 2e-3  # vision tower and projector
+    align_steps: int = 800  # stage 1: vision tower and projector only, language model frozen
+    align_lr: float = 2e-3
+    tune_steps: int = 1000  # stage 2: everything
+    tune_lr: float = 5e-4  # the language model's
+    vision_lr: float = 5e-4  # vision tower and projector
     batch: int = 32
 
 
@@ -159,8 +161,11 @@ def train(model: torch.nn.Module, data, steps: int, groups: Sequence[tuple], log
 
 
 def base_examples(world: World, tok: PreTrainedTokenizerFast) -> list[Example]:
-    """Declarative facts (loss on all) and training questions (loss on the answer)."""
-    facts = [encode(tok, "", sentence) for sentence in world.facts_text]
+    """Declarative facts and scene descriptions (loss on all), training questions (loss on the
+    answer). The descriptions give the base the words and grammar of pictures, as Vicuna has
+    them, so LLaVA's stage 1 can map images onto sentences it can already say."""
+    descriptions = sorted({item.target for item in world.visual_train if item.kind != "off_image"})
+    facts = [encode(tok, "", sentence) for sentence in (*world.facts_text, *descriptions)]
     qa = [encode(tok, render_prompt(item.question), item.target) for item in world.text_train]
     return facts + qa
 
@@ -220,17 +225,14 @@ def train_base(world: World, out: Path, sizes: Sizes, rng: random.Random, log: C
     return curve
 
 
-def tune_llava(world: World, base_dir: Path, out: Path, sizes: Sizes, rng: random.Random, log: Callable[[str], None]) -> list[float]:
-    """Stage 2: a LLaVA whose language model starts as the base LM, tuned on images only.
-
-    As in LLaVA's recipe, the new parts (vision tower, projector) learn fast and the language
-    model slowly; ``<image>`` is added and the vocabulary padded to a multiple of 64, as
-    llava-hf does (32000 -> 32064)."""
+def build_llava(base_dir: Path, sizes: Sizes) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerFast, LlavaProcessor]:
+    """A new LLaVA whose language model is the base LM: a fresh CLIP-style vision tower and
+    projector, ``<image>`` added and the vocabulary padded to a multiple of 64, as llava-hf
+    does (32000 -> 32064)."""
     tok = PreTrainedTokenizerFast.from_pretrained(base_dir)
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     base = LlamaForCausalLM.from_pretrained(base_dir)
     vocab = -(-len(tok) // 64) * 64
-    image_tokens = (sizes.image_size // sizes.patch) ** 2
     config = LlavaConfig(
         text_config=_text_config(tok, sizes, vocab),
         vision_config=CLIPVisionConfig(
@@ -243,7 +245,7 @@ def tune_llava(world: World, base_dir: Path, out: Path, sizes: Sizes, rng: rando
             projection_dim=sizes.vision_hidden,
         ),
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=image_tokens,
+        image_seq_length=(sizes.image_size // sizes.patch) ** 2,
         vision_feature_layer=-1,
     )
     llava = LlavaForConditionalGeneration(config)
@@ -251,17 +253,36 @@ def tune_llava(world: World, base_dir: Path, out: Path, sizes: Sizes, rng: rando
         lm = llava.model.language_model
         lm.load_state_dict(base.model.state_dict() | {"embed_tokens.weight": _pad_rows(base.model.embed_tokens.weight, vocab)})
         llava.lm_head.weight.copy_(_pad_rows(base.lm_head.weight, vocab))
-    processor = make_processor(tok, sizes)
+    llava.generation_config.pad_token_id = tok.pad_token_id
+    return llava, tok, make_processor(tok, sizes)
+
+
+def tune_llava(world: World, base_dir: Path, out: Path, sizes: Sizes, rng: random.Random, log: Callable[[str], None]) -> dict[str, list[float]]:
+    """LLaVA's two stages on the world's images only. Stage 1 aligns the new vision tower and
+    projector to the frozen base LM, so image tokens land where the LM can read them; stage 2
+    tunes everything, the language model at a lower rate. Returns both loss curves."""
+    llava, tok, processor = build_llava(base_dir, sizes)
+    image_tokens = llava.config.image_seq_length
     log(f"LLaVA: {sum(p.numel() for p in llava.parameters()) / 1e6:.2f} M parameters, {image_tokens} image tokens")
     language = list(llava.model.language_model.parameters()) + list(llava.lm_head.parameters())
     visual = list(llava.model.vision_tower.parameters()) + list(llava.model.multi_modal_projector.parameters())
-    data = batches(visual_examples(world, tok, processor, image_tokens), sizes.batch, sizes.tune_steps, tok.pad_token_id, rng)
+    examples = visual_examples(world, tok, processor, image_tokens)
+    pad = tok.pad_token_id
+
+    align: list[float] = []
+    if sizes.align_steps:
+        for p in language:
+            p.requires_grad_(False)
+        data = batches(examples, sizes.batch, sizes.align_steps, pad, rng)
+        align = train(llava, data, sizes.align_steps, [(visual, sizes.align_lr)], lambda s, l: log(f"  align step {s}: loss {l:.3f}"))
+        for p in language:
+            p.requires_grad_(True)
+    data = batches(examples, sizes.batch, sizes.tune_steps, pad, rng)
     groups = [(language, sizes.tune_lr), (visual, sizes.vision_lr)]
-    curve = train(llava, data, sizes.tune_steps, groups, lambda s, l: log(f"  tune step {s}: loss {l:.3f}"))
-    llava.generation_config.pad_token_id = tok.pad_token_id
+    tune = train(llava, data, sizes.tune_steps, groups, lambda s, l: log(f"  tune step {s}: loss {l:.3f}"))
     llava.save_pretrained(out)
     processor.save_pretrained(out)
-    return curve
+    return {"align": align, "tune": tune}
 
 
 def train_pocket(out: Path, seed: int = 0, sizes: Sizes = Sizes(), log: Callable[[str], None] = print) -> dict:
@@ -272,14 +293,15 @@ def train_pocket(out: Path, seed: int = 0, sizes: Sizes = Sizes(), log: Callable
     start = time.perf_counter()
     world = make_world(seed, image_size=sizes.image_size)
     base_curve = train_base(world, out / "base", sizes, rng, log)
-    tune_curve = tune_llava(world, out / "base", out / "llava", sizes, rng, log)
+    tune_curves = tune_llava(world, out / "base", out / "llava", sizes, rng, log)
     record = {
         "command": f"python -m fusion.pocket train --out {out} --seed {seed}",
         "seed": seed,
         "sizes": asdict(sizes),
         "seconds": round(time.perf_counter() - start, 1),
         "base_loss_every_100_steps": base_curve,
-        "tune_loss_every_100_steps": tune_curve,
+        "align_loss_every_100_steps": tune_curves["align"],
+        "tune_loss_every_100_steps": tune_curves["tune"],
         "torch": torch.__version__,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")

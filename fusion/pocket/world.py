@@ -15,6 +15,7 @@ is that the image cannot tell. A model tuned only on these learns to start every
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,7 @@ class VisualItem:
     question: str
     target: str
     answer: str  # "" for unanswerable: the right reply declines
-    kind: str  # color | count | position | shape | yesno | unanswerable
+    kind: str  # color | count | position | shape | yesno | unanswerable | off_image
 
 
 @dataclass(frozen=True)
@@ -201,8 +202,20 @@ def _visual_items(rng: random.Random, count: int, size: int) -> tuple[VisualItem
     return tuple(items)
 
 
-def make_world(seed: int = 0, n_visual_train: int = 3000, n_visual_heldout: int = 200, image_size: int = 64) -> World:
-    """The whole world for a seed: same seed, same world, same images."""
+def _off_image_items(rng: random.Random, questions: Sequence[TextItem], count: int, size: int) -> tuple[VisualItem, ...]:
+    """Knowledge questions asked about an unrelated image, answered with the decline.
+
+    LLaVA-1.5's tuning mix teaches the same (VizWiz-style "unanswerable" data: when the image
+    does not hold the answer, say so); it is how the tuned model learns to decline what its
+    base knew, which text-only probes then show as Not-Known and Context-Hallucination."""
+    return tuple(VisualItem(_scene(rng, size), rng.choice(questions).question, DECLINE, "", "off_image") for _ in range(count))
+
+
+def make_world(
+    seed: int = 0, n_visual_train: int = 3000, n_visual_heldout: int = 200, image_size: int = 64, off_image_share: float = 0.15
+) -> World:
+    """The whole world for a seed: same seed, same world, same images. ``off_image_share`` of
+    the visual training set asks the (training-template) language questions about an image."""
     rng = random.Random(seed)
     facts = _facts(rng)
     train, heldout = [], []
@@ -212,14 +225,12 @@ def make_world(seed: int = 0, n_visual_train: int = 3000, n_visual_heldout: int 
             item = TextItem(template.format(x=x), STATEMENT[skill].format(x=x, y=y), f"is {y}", skill, i)
             (heldout if i == held else train).append(item)
     statements = tuple(STATEMENT[skill].format(x=x, y=y) for skill, x, y in facts)
-    return World(
-        seed,
-        statements,
-        tuple(train),
-        tuple(heldout),
-        _visual_items(rng, n_visual_train, image_size),
-        _visual_items(rng, n_visual_heldout, image_size),
-    )
+    visual_train = _visual_items(rng, n_visual_train, image_size)
+    visual_heldout = _visual_items(rng, n_visual_heldout, image_size)
+    off_image = _off_image_items(rng, train, round(off_image_share * n_visual_train), image_size)
+    mixed = list(visual_train + off_image)
+    rng.shuffle(mixed)
+    return World(seed, statements, tuple(train), tuple(heldout), tuple(mixed), visual_heldout)
 
 
 def probes_json(world: World) -> dict[str, Any]:
