@@ -24,6 +24,7 @@ from gradio.data_classes import FileData  # noqa: E402
 
 from fusion.errors import FusionError  # noqa: E402
 from fusion.evaluate import load_probes  # noqa: E402
+from fusion.plots import curve_figure, located_figure  # noqa: E402
 from fusion.presets import ASSETS, PRESETS, Preset, get_preset, probe_path  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from fusion.studio import (  # noqa: E402
@@ -33,12 +34,10 @@ from fusion.studio import (  # noqa: E402
     all_params,
     badges_html,
     behaviour,
-    curve_figure,
     example_images,
     example_prompts,
     format_progress,
     highlighted,
-    located_figure,
     method_params,
     parse_settings,
     recipe_card,
@@ -227,11 +226,14 @@ def build(studio: Studio) -> gr.Blocks:
             return [recipe_card(pair), curve_figure(pair.fusion.report), located_figure(pair.fusion.report), gr.Dropdown(value=pair.method)]
 
         def loaded() -> list[Any]:
-            return [*refresh(), *pair_view(), *show_method(studio.pair.method if studio.pair else method)]
+            if studio.pair is None:
+                return [*refresh(), *pair_view(), *show_method(method)]
+            return [*refresh(), *pair_view(), *show_method(studio.pair.method, studio.pair.fusion.recipe["params"])]
 
-        def show_method(name: str) -> list[Any]:
-            own = method_params(name)
-            return [gr.update(visible=p.name in own, **({"value": own[p.name].default} if p.name in own else {})) for p in params]
+        def show_method(name: str, values: dict[str, Any] | None = None) -> list[Any]:
+            """The chosen method's controls, at ``values`` (the fused recipe's) or the defaults."""
+            own, values = method_params(name), values or {}
+            return [gr.update(visible=p.name in own, **({"value": values.get(p.name, own[p.name].default)} if p.name in own else {})) for p in params]
 
         def show_inner(name: str, inner: str) -> list[Any]:
             own = method_params(name, inner)

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print the neuron-change statistics of a tuned/base pair")
     _common(inspect)
     inspect.add_argument("--json", dest="json_out", help="also write the full report (with score curves) to this file")
+    inspect.add_argument("--plot", help="also draw the sorted change scores (log-log) to this PNG")
 
     sub.add_parser("methods", help="list the merge methods and their parameters")
 
@@ -136,6 +137,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(report, f)
+    if args.plot:
+        from .plots import curve_figure
+
+        curve_figure(report["kinds"]).savefig(args.plot)
     return 0
 
 

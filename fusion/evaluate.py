@@ -30,14 +30,16 @@ from .presets import Preset, probe_path
 from .registry import resolve
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion")
-# Each method's strength knob for --sweep: from "all base" toward "all tuned".
-SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
-    "task_arithmetic": ("lambda", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)),
-    "ties": ("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),
-    "breadcrumbs": ("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),
-    "dare": ("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),
-    "della": ("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),
-    "neuron_fusion": ("top_ratio", (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)),
+# The knobs --sweep walks per method, each from "all base" toward "all tuned". Neuron-Fusion
+# has two: how many neurons keep their change (top_ratio) and how much of it the rest keep
+# (suppress).
+SWEEPS: dict[str, tuple[tuple[str, tuple[float, ...]], ...]] = {
+    "task_arithmetic": (("lambda", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)),),
+    "ties": (("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),),
+    "breadcrumbs": (("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),),
+    "dare": (("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),),
+    "della": (("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),),
+    "neuron_fusion": (("top_ratio", (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)), ("suppress", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))),
 }
 
 
@@ -122,20 +124,23 @@ def run_bench(
     root = probe_path(preset).parent
     rows, all_replies = [], []
 
-    def add(kind: str, model: ChatModel, method: str | None, params: dict | None) -> None:
+    def add(kind: str, model: ChatModel, method: str | None = None, params: dict | None = None, label: str | None = None) -> None:
         rates, replies = score(model, text, visual, root)
-        rows.append({"model": kind, "method": method, "params": params, **rates})
-        all_replies.extend({"model": kind, "method": method, **r} for r in replies)
-        log(f"{kind:<6} {method or '':<16} " + "  ".join(f"{k} {_fmt(v)}" for k, v in rates.items()))
+        label = label or kind
+        rows.append({"model": kind, "method": method, "params": params, "label": label, **rates})
+        all_replies.extend({"model": kind, "method": method, "label": label, **r} for r in replies)
+        log(f"{label:<40} " + "  ".join(f"{k} {_fmt(v)}" for k, v in rates.items()))
 
     if include_base:
-        add("base", ChatModel.load(preset.base, multimodal=False, device=device), None, None)
+        add("base", ChatModel.load(preset.base, multimodal=False, device=device))
     if include_tuned:
-        add("tuned", ChatModel.load(preset.tuned, multimodal=True, device=device), None, None)
+        add("tuned", ChatModel.load(preset.tuned, multimodal=True, device=device))
     for method, params in methods:
         recipe = resolve(method, params, seed)
         result = fuse(preset.tuned, preset.base, method, params, seed=seed, device=device, progress=None)
-        add("fused", ChatModel.load(result.path, multimodal=True, device=device), method, recipe.params)
+        settings = ", ".join(f"{k}={recipe.params[k]}" for k in params)
+        label = f"fused: {method}" + (f" ({settings})" if settings else "")
+        add("fused", ChatModel.load(result.path, multimodal=True, device=device), method, recipe.params, label)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(rows))
@@ -149,7 +154,7 @@ def _fmt(value: float | None) -> str:
 
 
 def _label(row: dict[str, Any]) -> str:
-    return row["model"] if row["model"] != "fused" else f"fused: {row['method']}"
+    return row.get("label") or (row["model"] if row["model"] != "fused" else f"fused: {row['method']}")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -192,10 +197,11 @@ def run_sweep(preset: Preset, methods: Sequence[str], out: Path, *, device: str 
     """Each method along its strength knob (SWEEPS); one trade-off plot of all of them."""
     rows = run_bench(preset, [], out, device=device, seed=seed, limit=limit, log=log)
     for method in methods:
-        knob, values = SWEEPS[resolve(method).method]
-        points = [(method, {knob: v}) for v in values]
-        for row in run_bench(preset, points, out / f"sweep-{method}", include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
-            rows.append({**row, "knob": knob, "value": row["params"][knob]})
+        for knob, values in SWEEPS[resolve(method).method]:
+            points = [(method, {knob: v}) for v in values]
+            where = out / f"sweep-{method}-{knob}"
+            for row in run_bench(preset, points, where, include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
+                rows.append({**row, "knob": knob, "value": row["params"][knob]})
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     tradeoff_plot(rows, out / "sweep.png", preset.name)
     return rows
@@ -208,9 +214,9 @@ def tradeoff_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Non
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 5), dpi=110)
-    for method in dict.fromkeys(r["method"] for r in rows if r["model"] == "fused"):
-        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["value"])
-        ax.plot([100 * r["visual_accuracy"] for r in pts], [100 * r["language_accuracy"] for r in pts], "o-", label=f"{method} ({pts[0]['knob']})", markersize=4)
+    for method, knob in dict.fromkeys((r["method"], r["knob"]) for r in rows if r["model"] == "fused"):
+        pts = sorted((r for r in rows if r["method"] == method and r["knob"] == knob), key=lambda r: r["value"])
+        ax.plot([100 * r["visual_accuracy"] for r in pts], [100 * r["language_accuracy"] for r in pts], "o-", label=f"{method} ({knob})", markersize=4)
     for r in rows:
         if r["model"] == "tuned":
             ax.plot(100 * r["visual_accuracy"], 100 * r["language_accuracy"], "k*", markersize=12, label="tuned")
@@ -226,8 +232,19 @@ def tradeoff_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Non
 
 
 def parse_methods(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """'neu-p-taska,ties' -> [(name, {}), ...]; an unknown name raises FusionError."""
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        resolve(name)
-    return [(n, {}) for n in names]
+    """'neu-p-taska,ties' -> [(name, {}), ...]; 'neu-p-taska:suppress=0.5:top_ratio=0.1' sets
+    parameters (checked by the registry). An unknown name or a bad value raises FusionError."""
+    out = []
+    for item in (m.strip() for m in text.split(",")):
+        if not item:
+            continue
+        name, *settings = item.split(":")
+        params: dict[str, Any] = {}
+        for setting in settings:
+            key, eq, value = setting.partition("=")
+            if not eq:
+                raise FusionError(f"'{setting}' in --methods: expected NAME=VALUE after the method name")
+            params[key.strip()] = value.strip()
+        resolve(name.strip(), params)
+        out.append((name.strip(), params))
+    return out

@@ -50,14 +50,15 @@ def test_plain_llm_pair_merges_every_tensor(tmp_path):
     assert out.keys() == base.keys() and all(torch.equal(out[k], base[k]) for k in out)
 
 
-def test_inspect_prints_a_table_and_writes_json(pair, tmp_path):
-    run = cli("inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--set", "top_ratio=0.03125", "--json", str(tmp_path / "r.json"))
+def test_inspect_prints_a_table_and_writes_json_and_plot(pair, tmp_path):
+    run = cli("inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--set", "top_ratio=0.03125", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "c.png"))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert lines[0].split()[:4] == ["layer", "kind", "neurons", "located"]
     assert any(line.split()[:4] == ["0", "ffn", "64", "2"] for line in lines)
     assert "neurons located" in run.stdout
     assert json.loads((tmp_path / "r.json").read_text())["kinds"]
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fusion import plots
 from fusion import studio as st
 from fusion.detectors import detect
 from fusion.merge import Progress
@@ -165,7 +166,7 @@ def test_refuse_swaps_the_fused_model(studio: st.Studio) -> None:
     assert pair.fused.name == "Pocket-LLaVA + ties"
     with pytest.raises(st.StudioError, match="density"):
         studio.refuse("ties", {"density": 7})
-    studio.refuse(before.method, {})  # back to the preset's method (cached)
+    studio.refuse(before.method, dict(before.preset.params))  # back to the preset's recipe (cached)
     assert studio.ready().fusion.reused
 
 
@@ -179,11 +180,11 @@ def test_controls_cover_every_method() -> None:
 
 def test_plots(studio: st.Studio) -> None:
     report = studio.ready().fusion.report
-    curve = st.curve_figure(report)
+    curve = plots.curve_figure(report)
     assert curve.axes[0].get_xscale() == "log" and curve.axes[0].get_yscale() == "log"
-    bars = st.located_figure(report)
+    bars = plots.located_figure(report)
     assert sum(patch.get_height() for patch in bars.axes[0].patches) == sum(r["located"] for r in report)
-    assert st.curve_figure([]).axes[0].texts
+    assert plots.curve_figure([]).axes[0].texts
     card = st.recipe_card(studio.ready())
     assert card["preset"] == "pocket" and card["neurons_located"]
 
