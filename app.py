@@ -23,9 +23,9 @@ import gradio as gr  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 
 from fusion.errors import FusionError  # noqa: E402
-from fusion.evaluate import load_probes  # noqa: E402
+from fusion.evaluate import preset_probes  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
-from fusion.presets import ASSETS, PRESETS, Preset, get_preset, probe_path  # noqa: E402
+from fusion.presets import ASSETS, PRESETS, Preset, get_preset  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from fusion.studio import (  # noqa: E402
     FALLBACK_PRESET,
@@ -286,7 +286,7 @@ def build(studio: Studio) -> gr.Blocks:
 
 
 def _probe_count(preset: Preset) -> int:
-    text, visual = load_probes(probe_path(preset))
+    text, visual, _ = preset_probes(preset)
     return max(len(text), len(visual))
 
 

@@ -66,6 +66,14 @@ def load_probes(path: Path) -> tuple[list[Probe], list[Probe]]:
     return text, visual
 
 
+def preset_probes(preset: Preset, limit: int | None = None) -> tuple[list[Probe], list[Probe], Path]:
+    """A preset's probe set: the first ``limit`` text and image probes (all by default), and
+    the folder its image files are relative to."""
+    path = probe_path(preset)
+    text, visual = load_probes(path)
+    return text[:limit], visual[:limit], path.parent
+
+
 def probe_image(probe: Probe, root: Path) -> Image.Image:
     if isinstance(probe.image, dict):
         from .pocket.world import draw, scene_from_json
@@ -119,9 +127,7 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Score base, tuned and each fused model; returns the rows also written to ``out``.
     ``limit`` keeps the first N text and N image probes (a quick look)."""
-    text, visual = load_probes(probe_path(preset))
-    text, visual = text[:limit], visual[:limit]
-    root = probe_path(preset).parent
+    text, visual, root = preset_probes(preset, limit)
     rows, all_replies = [], []
 
     def add(kind: str, model: ChatModel, method: str | None = None, params: dict | None = None, label: str | None = None) -> None:
@@ -153,8 +159,6 @@ def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def _label(row: dict[str, Any]) -> str:
-    return row.get("label") or (row["model"] if row["model"] != "fused" else f"fused: {row['method']}")
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -164,7 +168,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {_label(r)} | {_fmt(r['language_accuracy'])} | {_fmt(r['visual_accuracy'])} | "
+            f"| {r['label']} | {_fmt(r['language_accuracy'])} | {_fmt(r['visual_accuracy'])} | "
             f"{_fmt(r['context_hallucination_rate'])} | {_fmt(r['not_known_rate'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -182,7 +186,7 @@ def bar_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     width = 0.8 / len(rows)
     for i, r in enumerate(rows):
         values = [100 * (r[m] or 0) for m in metrics]
-        ax.bar([x + i * width for x in range(len(metrics))], values, width, label=_label(r))
+        ax.bar([x + i * width for x in range(len(metrics))], values, width, label=r["label"])
     ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(metrics))], names)
     ax.set_ylabel("%")
     ax.set_ylim(0, 100)

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from .detectors import detect, highlight
 from .errors import FusionError
-from .evaluate import bar_chart, load_probes, markdown_table, probe_image, score
+from .evaluate import bar_chart, markdown_table, preset_probes, probe_image, score
 from .inference import ChatModel
 from .merge import FuseResult, Progress, fuse, resolve_device
-from .presets import Preset, get_preset, probe_path
+from .presets import Preset, get_preset
 from .registry import BASELINES, METHOD_NAMES, Param, resolve, schema
 
 FALLBACK_PRESET = "pocket"
@@ -351,15 +351,21 @@ class Studio:
 
     def _load_pair(self, preset: Preset, method: str) -> Pair:
         params = preset.params if method == preset.method else {}
-        title_original, title_fused, _ = titles(preset, method)
+        title_original = titles(preset, method)[0]
         self.status.message = f"fusing {preset.name} with {method}"
         self.log(f"[studio] {self.status.message} ({preset.tuned} toward {preset.base})")
-        result = fuse(preset.tuned, preset.base, method, params, device=str(self.device), progress=self._progress(f"fusing {preset.name}"))
-        self.log(f"[studio] fused model at {result.path} ({'reused from cache' if result.reused else f'{result.seconds:.1f} s'})")
         self.status.message = f"loading {title_original}"
         original = self._load_model(preset.tuned, True, title_original)
-        self.status.message = f"loading {title_fused}"
-        fused = self._load_model(result.path, True, title_fused)
+        return self._fuse_into(preset, original, method, params, self._progress(f"fusing {preset.name}"))
+
+    def _fuse_into(self, preset: Preset, original: ChatModel, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None]) -> Pair:
+        """Fuse ``preset`` with ``method`` and load the result next to ``original``, sharing
+        its vision tower and projector: the load at start and every re-fuse."""
+        result = fuse(preset.tuned, preset.base, method, dict(params), device=str(self.device), progress=progress)
+        self.log(f"[studio] fused with {method} at {result.path} ({'reused from cache' if result.reused else f'{result.seconds:.1f} s'})")
+        title = fused_title(preset, method)
+        self.status.message = f"loading {title}"
+        fused = self._load_model(result.path, True, title)
         shared = share_vision(original.model, fused.model)
         self.log(f"[studio] fused model shares the original's {', '.join(shared) or 'nothing'}")
         return Pair(preset, method, original, fused, result, shared)
@@ -395,11 +401,7 @@ class Studio:
             if progress:
                 progress(p)
 
-        result = fuse(pair.preset.tuned, pair.preset.base, method, dict(params), device=str(self.device), progress=report)
-        fused = self._load_model(result.path, True, fused_title(pair.preset, method))
-        shared = share_vision(pair.original.model, fused.model)
-        self.pair = replace(pair, method=method, fused=fused, fusion=result, shared=shared)
-        self.log(f"[studio] re-fused with {method}: {result.path}")
+        self.pair = self._fuse_into(pair.preset, pair.original, method, params, report)
         return self.pair
 
     # asking
@@ -439,13 +441,11 @@ class Studio:
         """The preset's probe set (first ``limit`` text and image probes) for original and
         fused: rows, a Markdown table, a chart."""
         pair = self.ready()
-        text, visual = load_probes(probe_path(pair.preset))
-        text, visual = text[:limit], visual[:limit]
-        root = probe_path(pair.preset).parent
+        text, visual, root = preset_probes(pair.preset, limit)
         rows = []
-        for kind, model, method in (("tuned", pair.original, None), ("fused", pair.fused, pair.method)):
+        for kind, model, method, label in (("tuned", pair.original, None, "tuned"), ("fused", pair.fused, pair.method, f"fused: {pair.method}")):
             rates, _ = score(model, text, visual, root)
-            rows.append({"model": kind, "method": method, "params": None, **rates})
+            rows.append({"model": kind, "method": method, "params": None, "label": label, **rates})
         chart = Path(tempfile.mkdtemp(prefix="nf-bench-")) / "behaviour.png"
         bar_chart(rows, chart, pair.preset.name)
         return rows, markdown_table(rows), chart
@@ -476,7 +476,7 @@ def method_params(method: str, inner: str | None = None) -> dict[str, Param]:
 def example_prompts(preset: Preset, n: int = 6) -> list[str]:
     """Text-only questions from the preset's probe set, one per skill: the ones a tuned MLLM
     tends to answer with "In the image ..." or "I don't know"."""
-    text, _ = load_probes(probe_path(preset))
+    text, _, _ = preset_probes(preset)
     by_skill: dict[str, str] = {}
     for p in text:
         by_skill.setdefault(p.skill, p.question)
@@ -486,8 +486,7 @@ def example_prompts(preset: Preset, n: int = 6) -> list[str]:
 def example_images(preset: Preset, n: int = 4) -> list[tuple[str, str]]:
     """(image file, question) pairs from the preset's probe set, questions about absent objects
     (answer "no": where MLLMs hallucinate) first, one per image. Drawn scenes are saved as PNG."""
-    _, visual = load_probes(probe_path(preset))
-    root = probe_path(preset).parent
+    _, visual, root = preset_probes(preset)
     ordered = sorted(visual, key=lambda p: p.answers != ("no",))
     out: dict[str, tuple[str, str]] = {}
     drawn = Path(tempfile.gettempdir()) / "neuron-fusion-examples" / preset.name
