@@ -1,16 +1,16 @@
-"""Checkpoint access: a lazy, memory-mapped view of a model directory or hub repo, and the key
-mapping between a LLaVA-style checkpoint and its base LLM.
+"""Checkpoint access: a lazy, memory-mapped view of a model directory or hub repo.
 
 Tensors are read with ``safetensors.safe_open``: headers are parsed (and checked) up front,
 data are memory-mapped and paged in only when a tensor is used, so opening a 7B checkpoint
-costs no RAM. Pickle ``.bin`` weights can run code when loaded; they are read only when the
-caller passes ``allow_pickle=True``.
+costs no RAM. Some real checkpoints ship only pickle ``.bin`` shards (Vicuna v1.5): those are
+read with ``torch.load(weights_only=True)``, an unpickler that rebuilds tensors and plain types
+and refuses anything else, with a notice naming the files; ``allow_pickle=False`` refuses them.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,34 +65,73 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# The weight files a checkpoint may have, in the order ``from_pretrained`` looks for them: an
+# index (which then names every shard) or a single file; safetensors before pickle.
+WEIGHT_SOURCES: tuple[tuple[str, bool], ...] = (
+    ("model.safetensors.index.json", True),
+    ("model.safetensors", False),
+    ("pytorch_model.bin.index.json", True),
+    ("pytorch_model.bin", False),
+)
+SAFETENSORS_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+PICKLE_PATTERNS = ("*.bin", "*.bin.index.json")
+log = logging.getLogger("fusion")
+
+
 class Checkpoint:
     """The tensors and config of one model directory, read lazily.
 
     ``ref`` is what the user named (a path or a hub repo id); ``directory`` is where the files
     are. ``get(name)`` returns a CPU tensor backed by the file's memory map (do not modify it).
+    The weight files are the ones ``from_pretrained`` would read: those a shard index lists
+    (every one must exist; other files beside them are ignored), or the single weights file.
     """
 
-    def __init__(self, directory: Path, ref: str | None = None, *, allow_pickle: bool = False) -> None:
+    def __init__(self, directory: Path, ref: str | None = None, *, allow_pickle: bool = True) -> None:
         self.directory = Path(directory)
         self.ref = ref or str(directory)
         self.config = self._read_config()
         self._index: dict[str, TensorInfo] = {}
         self._handles: dict[Path, Any] = {}
-        files = sorted(self.directory.glob("*.safetensors"))
-        if files:
-            for file in files:
-                self._open_safetensors(file)
-        else:
-            pickles = sorted(self.directory.glob("*.bin"))
-            if not pickles:
-                raise FusionError(f"{self.directory}: no .safetensors weight files found")
+        files, listed = self._weight_files()
+        if files[0].suffix == ".bin":
             if not allow_pickle:
                 raise FusionError(
-                    f"{self.directory} holds only pickle .bin weights ({pickles[0].name}, ...), which can run code "
-                    "when loaded; convert them to safetensors, or pass --allow-pickle if you trust the source"
+                    f"{self.ref} holds only pickle .bin weights ({', '.join(f.name for f in files)}) and pickle reading was turned "
+                    "off (--no-pickle / allow_pickle=False); allow it, or convert the weights to safetensors"
                 )
-            for file in pickles:
-                self._open_pickle(file)
+            log.warning(
+                "%s: reading pickle weights %s with torch.load(weights_only=True), which loads tensors and plain types only",
+                self.ref,
+                ", ".join(f.name for f in files),
+            )
+        for file in files:
+            self._open_safetensors(file) if file.suffix == ".safetensors" else self._open_pickle(file)
+        for name, file in (listed or {}).items():
+            if name not in self._index or self._index[name].file != file:
+                raise FusionError(f"{file}: the shard index lists tensor '{name}' in this file, but the file does not hold it")
+
+    def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
+        """The weight files to read and, from an index, where it says each tensor is."""
+        for name, is_index in WEIGHT_SOURCES:
+            path = self.directory / name
+            if not path.is_file():
+                continue
+            if not is_index:
+                return [path], None
+            try:
+                weight_map = json.loads(path.read_text())["weight_map"]
+                listed = {tensor: self.directory / file for tensor, file in weight_map.items()}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise FusionError(f"{path}: not a readable shard index ({type(err).__name__}: {err})") from None
+            files = sorted(set(listed.values()))
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FusionError(f"{path} lists shard {missing[0]}, which is missing from {self.directory}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            if not files:
+                raise FusionError(f"{path}: the shard index lists no tensors")
+            return files, listed
+        raise FusionError(f"{self.directory}: no weights (expected {', '.join(name for name, _ in WEIGHT_SOURCES)})")
 
     def _read_config(self) -> dict[str, Any]:
         path = self.directory / "config.json"
@@ -123,8 +162,11 @@ class Checkpoint:
     def _open_pickle(self, file: Path) -> None:
         try:
             tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as err:  # torch raises many types for a bad archive
-            raise FusionError(f"{file}: not a readable PyTorch weights file: {err}") from None
+        except Exception as err:  # torch raises many types for a bad archive, or for code in it
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise FusionError(f"{file}: not a readable PyTorch weights file (tensors and plain types only): {first[:200]}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise FusionError(f"{file}: not a PyTorch state dict (expected a mapping of tensor names to tensors)")
         for name, tensor in tensors.items():
             self._add(name, TensorInfo(file, tuple(tensor.shape), tensor.dtype))
         self._handles[file] = tensors
@@ -168,10 +210,11 @@ class Checkpoint:
         return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def resolve_directory(ref: str, *, allow_pickle: bool = False) -> Path:
-    """A local directory as it is, or a hub repo id downloaded (safetensors and sidecar files
-    only, unless ``allow_pickle``) into the Hugging Face cache. With no network, a complete
-    cached copy is used; with neither, a FusionError says so."""
+def resolve_directory(ref: str, *, allow_pickle: bool = True) -> Path:
+    """A local directory as it is, or a hub repo id fetched into the Hugging Face cache: its
+    safetensors weights and sidecar files, or, for a repo without safetensors (Vicuna v1.5 ships
+    only pickle shards), its ``.bin`` weights and their index. With no network (or
+    ``HF_HUB_OFFLINE=1``) a cached copy is used; with neither, a FusionError says so."""
     path = Path(ref).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -179,53 +222,30 @@ def resolve_directory(ref: str, *, allow_pickle: bool = False) -> Path:
         return path
     if not _HUB_ID.match(ref):
         raise FusionError(f"{ref}: no such directory, and not a hub repo id of the form owner/name")
+    directory = _snapshot(ref, (*SAFETENSORS_PATTERNS, *SIDECAR_PATTERNS))
+    if allow_pickle and not any(directory.glob("*.safetensors")):
+        directory = _snapshot(ref, (*PICKLE_PATTERNS, *SIDECAR_PATTERNS))
+    return directory
+
+
+def _snapshot(ref: str, patterns: tuple[str, ...]) -> Path:
+    """``snapshot_download`` of the files matching ``patterns``; offline or unreachable, the
+    cached snapshot. Raises FusionError only when the hub was needed and could not be had."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.safetensors", "*.safetensors.index.json", *SIDECAR_PATTERNS] + (["*.bin", "*.bin.index.json"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(ref, allow_patterns=patterns))
-    except Exception as online_error:  # network, auth, missing repo: try the local cache
+        return Path(snapshot_download(ref, allow_patterns=list(patterns)))
+    except Exception as online_error:  # network, auth, missing repo, offline mode: try the local cache
         try:
-            return Path(snapshot_download(ref, allow_patterns=patterns, local_files_only=True))
+            return Path(snapshot_download(ref, allow_patterns=list(patterns), local_files_only=True))
         except Exception:
+            detail = str(online_error).strip().splitlines()[0] if str(online_error).strip() else "no detail"
             raise FusionError(
-                f"cannot fetch '{ref}' from the Hugging Face Hub ({type(online_error).__name__}: "
-                f"{str(online_error).splitlines()[0] if str(online_error) else 'no detail'}) and no local copy is "
-                f"cached under {os.environ.get('HF_HOME', '~/.cache/huggingface')}"
+                f"cannot fetch '{ref}' from the Hugging Face Hub ({type(online_error).__name__}: {detail[:200]}) and no copy "
+                "of it is in the local Hugging Face cache"
             ) from None
 
 
-def open_checkpoint(ref: str, *, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(ref: str, *, allow_pickle: bool = True) -> Checkpoint:
     """Open a checkpoint named by a local path or a hub repo id."""
     return Checkpoint(resolve_directory(ref, allow_pickle=allow_pickle), ref, allow_pickle=allow_pickle)
-
-
-# --- key mapping --------------------------------------------------------------------------
-
-# (prefix in the tuned checkpoint, prefix in the base LLM); first match wins.
-_LAYOUTS: dict[str, tuple[tuple[str, str], ...]] = {
-    # llava-hf on-disk layout (transformers < 4.52 and still written by save_pretrained)
-    "llava": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
-    # newer in-memory layout, also found on disk
-    "llava-nested": (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
-    # a plain LLM fine-tuned from the base: every tensor maps to itself
-    "llm": (("", ""),),
-}
-
-
-def detect_layout(keys: list[str]) -> str:
-    """Which naming a tuned checkpoint uses: 'llava', 'llava-nested', or 'llm'."""
-    if any(k.startswith("language_model.") for k in keys):
-        return "llava"
-    if any(k.startswith("model.language_model.") for k in keys):
-        return "llava-nested"
-    return "llm"
-
-
-def base_key(key: str, layout: str) -> str | None:
-    """The base LLM's name for a tuned tensor, or None if it is not part of the language model
-    (vision tower, projector, ...)."""
-    for tuned_prefix, base_prefix in _LAYOUTS[layout]:
-        if key.startswith(tuned_prefix):
-            return base_prefix + key[len(tuned_prefix) :]
-    return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import sys
 from collections.abc import Sequence
@@ -48,7 +49,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tuned", required=True, help="tuned model (LLaVA-style MLLM or fine-tuned LLM): directory or hub repo id")
     p.add_argument("--base", required=True, help="the base LLM it was tuned from: directory or hub repo id")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=VALUE", help="a method parameter (repeatable)")
-    p.add_argument("--allow-pickle", action="store_true", help="also read pickle .bin weights (they can run code: trusted sources only)")
+    p.add_argument(
+        "--no-pickle",
+        dest="allow_pickle",
+        action="store_false",
+        help="refuse pickle .bin weights (by default they are read with torch.load(weights_only=True), tensors only)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,8 +177,20 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_notices() -> None:
+    """The library's notices (``logging.getLogger("fusion")``, e.g. which pickle files it reads)
+    as 'note: ...' lines on stderr, once."""
+    logger = logging.getLogger("fusion")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_notices()
     commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:
         return commands[args.command](args)

@@ -22,18 +22,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from .checkpoint import Checkpoint, base_key, detect_layout, open_checkpoint
+from .architectures import Family, detect_layout, family_for
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import FusionError
 from .methods import full_change, restore
-from .neurons import SUPPORTED_MODEL_TYPES, NeuronKind, change_scores, describe, layer_of, neuron_kinds, top_fraction
+from .neurons import NeuronKind, change_scores, describe, layer_of, neuron_kinds, top_fraction
 from .registry import Recipe, resolve
 from .writer import Entry, ShardedWriter, plan_shards
 
 RECIPE_FILE = "fusion_recipe.json"
 REPORT_FILE = "neuron_report.json"
 DEFAULT_SHARD_BYTES = 4 << 30
-_CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-_VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -89,42 +88,45 @@ class FuseResult:
 # --- planning -----------------------------------------------------------------------------
 
 
-def check_compatible(tuned: Checkpoint, base: Checkpoint) -> None:
-    """Same language-model architecture and sizes, from the two config.json files."""
+def check_compatible(tuned: Checkpoint, base: Checkpoint) -> Family:
+    """Same language-model architecture and sizes, from the two config.json files; returns the
+    family they belong to."""
     tc, bc = tuned.text_config(), base.text_config()
-    for key in _CONFIG_FIELDS:
-        a = tc.get(key, tc.get("num_attention_heads") if key == "num_key_value_heads" else None)
-        b = bc.get(key, bc.get("num_attention_heads") if key == "num_key_value_heads" else None)
+    family = family_for(bc.get("model_type") or tc.get("model_type"))
+    for key in family.config_fields:
+        a, b = family.config_value(tc, key), family.config_value(bc, key)
         if a is not None and b is not None and a != b:
             raise FusionError(
                 f"the language models differ in {key}: tuned {tuned.ref} has {a} ({tuned.directory / 'config.json'}), "
                 f"base {base.ref} has {b} ({base.directory / 'config.json'}); the base must be the LLM the tuned model "
                 "was trained from"
             )
+    return family
 
 
 def plan_merge(tuned: Checkpoint, base: Checkpoint) -> list[Planned]:
     """Every output tensor, in output order, with where it comes from. Raises FusionError for a
     language-model tensor missing from the base or with a shape that cannot be reconciled."""
-    check_compatible(tuned, base)
+    family = check_compatible(tuned, base)
     layout = detect_layout(tuned.keys())
+    head, embedding = family.tied_head
     tied = bool(base.text_config().get("tie_word_embeddings", False))
     plan = []
     for name in sorted(tuned.keys()):
         info = tuned.info(name)
-        mapped = base_key(name, layout)
+        mapped = layout.base_key(name)
         if mapped is None or not info.dtype.is_floating_point:
             plan.append(Planned(name, None, info.shape, info.dtype))
             continue
-        if mapped not in base and mapped == "lm_head.weight" and tied:
-            mapped = "model.embed_tokens.weight"
+        if mapped not in base and mapped == head and tied:
+            mapped = embedding
         if mapped not in base:
             raise FusionError(f"language-model tensor '{name}' has no counterpart '{mapped}' in the base model {base.ref}")
         base_shape = base.info(mapped).shape
         rows = None
         if base_shape != info.shape:
             extra_vocab = (
-                mapped.endswith(_VOCAB_TENSORS) and len(info.shape) == 2 and info.shape[1:] == base_shape[1:] and info.shape[0] > base_shape[0]
+                mapped in family.vocab_tensors and len(info.shape) == 2 and info.shape[1:] == base_shape[1:] and info.shape[0] > base_shape[0]
             )
             if not extra_vocab:
                 raise FusionError(
@@ -162,13 +164,9 @@ class Locator:
     and GPU merges locate the same neurons), and remembered with their report."""
 
     def __init__(self, plan: list[Planned], sources: Sources, params: dict[str, Any]) -> None:
-        model_type = sources.tuned.text_config().get("model_type")
-        if model_type and model_type not in SUPPORTED_MODEL_TYPES:
-            raise FusionError(
-                f"neuron location supports {', '.join(SUPPORTED_MODEL_TYPES)} language models; {sources.tuned.ref} is {model_type}"
-            )
+        family = family_for(sources.tuned.text_config().get("model_type"))
         self.params = params
-        self.kinds = neuron_kinds(merged_shapes(plan), params["neuron_unit"], params["others"])
+        self.kinds = neuron_kinds(merged_shapes(plan), params["neuron_unit"], params["others"], family)
         self._by_tensor = {m.tensor: (k, m.axis) for k in self.kinds for m in k.members}
         self._sources = sources
         self._located: dict[NeuronKind, torch.Tensor] = {}
@@ -280,7 +278,7 @@ def fuse(
     seed: int = 0,
     device: str = "auto",
     shard_bytes: int = DEFAULT_SHARD_BYTES,
-    allow_pickle: bool = False,
+    allow_pickle: bool = True,
     cache_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> FuseResult:
@@ -346,7 +344,7 @@ def fuse(
     return FuseResult(out, False, {**record, "key": key}, report, seconds)
 
 
-def inspect_pair(tuned_ref: str, base_ref: str, params: dict[str, Any] | None = None, *, allow_pickle: bool = False) -> dict[str, Any]:
+def inspect_pair(tuned_ref: str, base_ref: str, params: dict[str, Any] | None = None, *, allow_pickle: bool = True) -> dict[str, Any]:
     """Neuron-Locate over a whole pair without merging: per layer and kind, how many neurons,
     how many located, score quantiles and the sorted score curve (``python -m fusion inspect``)."""
     recipe = resolve("neuron_fusion", params)

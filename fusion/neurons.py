@@ -1,4 +1,5 @@
-"""Neuron location for Llama-family language models (Llama/Vicuna, Mistral, Qwen2).
+"""Neuron location for the language-model families of ``fusion.architectures`` (Llama/Vicuna,
+Mistral, Qwen2).
 
 A *neuron* is a slice of one or more weight matrices that rises and falls together
 (spec, "Neuron-Fusion" step 1):
@@ -24,12 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .architectures import LLAMA, SUPPORTED_MODEL_TYPES, Family
 from .errors import FusionError
 from .methods import count_for
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-_LAYER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.(weight|bias)$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _BLOCK_ELEMENTS = 1 << 20
 _CURVE_POINTS = 64
@@ -66,9 +65,14 @@ def _short(name: str) -> str:
     return ".".join(parts) + (".bias" if name.endswith(".bias") else "")
 
 
-def _projection_kinds(layer: int, parts: Mapping[str, str], shapes: Mapping[str, Sequence[int]], unit: str) -> list[NeuronKind]:
-    """Neuron kinds of one decoder layer from its ``*_proj`` tensors (``parts``: 'q_proj.weight'
-    -> full name)."""
+def _projection_name(proj: str) -> str:
+    """'mlp.gate_proj' -> 'gate': a kind name when each projection is its own kind."""
+    return proj.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+def _projection_kinds(layer: int, parts: Mapping[str, str], shapes: Mapping[str, Sequence[int]], unit: str, family: Family) -> list[NeuronKind]:
+    """Neuron kinds of one decoder layer from its projection tensors (``parts``:
+    'self_attn.q_proj.weight' -> full name), grouped as the family says."""
 
     def rows(proj: str) -> list[Member]:
         return [Member(parts[f"{proj}.{w}"], 0) for w in ("weight", "bias") if f"{proj}.{w}" in parts]
@@ -76,18 +80,20 @@ def _projection_kinds(layer: int, parts: Mapping[str, str], shapes: Mapping[str,
     def cols(proj: str) -> list[Member]:
         return [Member(parts[f"{proj}.weight"], 1)] if f"{proj}.weight" in parts else []
 
-    groups: list[tuple[str, list[Member]]]
-    if unit == "row":
-        groups = [(p.removesuffix("_proj"), rows(p)) for p in ("gate_proj", "up_proj", "q_proj", "k_proj", "v_proj")]
-        groups += [(p.removesuffix("_proj"), cols(p)) for p in ("down_proj", "o_proj")]
-    else:
-        groups = [("ffn", rows("gate_proj") + rows("up_proj") + cols("down_proj"))]
-        groups += [("attn_q", rows("q_proj")), ("attn_k", rows("k_proj"))]
-        v, o = rows("v_proj"), cols("o_proj")
-        if v and o and shapes[v[0].tensor][0] == shapes[o[0].tensor][1]:
-            groups.append(("attn_v", v + o))
-        else:  # grouped-query attention: o_proj columns and v_proj rows are different neurons
-            groups += [("attn_v", v), ("attn_o", o)]
+    def size(members: list[Member]) -> int | None:
+        return shapes[members[0].tensor][members[0].axis] if members else None
+
+    groups: list[tuple[str, list[Member]]] = []
+    for group in family.groups:
+        row_members = [m for proj in group.rows for m in rows(proj)]
+        col_members = [m for proj in group.cols for m in cols(proj)]
+        if unit == "row":  # every projection alone: its rows, or its columns
+            groups += [(_projection_name(proj), rows(proj)) for proj in group.rows]
+            groups += [(_projection_name(proj), cols(proj)) for proj in group.cols]
+        elif group.split and row_members and col_members and size(row_members) != size(col_members):
+            groups += [(group.split[0], row_members), (group.split[1], col_members)]
+        else:
+            groups.append((group.kind, row_members + col_members))
     kinds = []
     for kind, members in groups:
         if not members:
@@ -100,7 +106,7 @@ def _projection_kinds(layer: int, parts: Mapping[str, str], shapes: Mapping[str,
     return kinds
 
 
-def neuron_kinds(shapes: Mapping[str, Sequence[int]], unit: str = "tied", others: str = "rows") -> list[NeuronKind]:
+def neuron_kinds(shapes: Mapping[str, Sequence[int]], unit: str = "tied", others: str = "rows", family: Family = LLAMA) -> list[NeuronKind]:
     """All neuron kinds of a base LLM, from its merged tensors' names and shapes.
 
     ``others = "rows"`` makes every tensor outside the FFN/attention neurons a kind of its own
@@ -109,10 +115,10 @@ def neuron_kinds(shapes: Mapping[str, Sequence[int]], unit: str = "tied", others
     """
     per_layer: dict[int, dict[str, str]] = {}
     for name in shapes:
-        m = _LAYER_TENSOR.match(name)
+        m = family.layer_tensor.match(name)
         if m:
             per_layer.setdefault(int(m.group(1)), {})[f"{m.group(2)}.{m.group(3)}"] = name
-    kinds = [k for layer, parts in sorted(per_layer.items()) for k in _projection_kinds(layer, parts, shapes, unit)]
+    kinds = [k for layer, parts in sorted(per_layer.items()) for k in _projection_kinds(layer, parts, shapes, unit, family)]
     if not kinds:
         raise FusionError(
             "no FFN or attention neurons found (tensors named model.layers.N.mlp.gate_proj.weight, ...): "

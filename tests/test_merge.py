@@ -240,15 +240,73 @@ def test_error_parameter_out_of_range_writes_nothing(fresh, tmp_path):
     expect_error(tmp_path, fresh.tuned, fresh.base, "'density' of method 'ties' is 1.5", density=1.5)
 
 
-def test_error_pickle_weights_need_explicit_consent(fresh, tmp_path):
-    pickled = tmp_path / "pickled"
+def pickled_base(fresh, root: Path) -> Path:
+    """The tiny base as one pickle ``pytorch_model.bin`` (as Vicuna v1.5 ships its weights)."""
+    pickled = root / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((fresh.base / "config.json").read_text())
     base = open_checkpoint(str(fresh.base))
     torch.save({k: base.get(k).clone() for k in base.keys()}, pickled / "pytorch_model.bin")
-    expect_error(tmp_path, fresh.tuned, pickled, "--allow-pickle")
-    result = fuse(str(fresh.tuned), str(pickled), "ties", out=tmp_path / "ok", allow_pickle=True)
-    assert (result.path / "model.safetensors").exists()
+    return pickled
+
+
+def test_pickle_weights_are_read_tensors_only_with_a_notice(fresh, tmp_path, caplog):
+    pickled = pickled_base(fresh, tmp_path)
+    with caplog.at_level("WARNING", logger="fusion"):
+        result = fuse(str(fresh.tuned), str(pickled), "ties", out=tmp_path / "ok")
+    assert any("pytorch_model.bin" in r.getMessage() and "weights_only" in r.getMessage() for r in caplog.records)
+    reference = fuse(str(fresh.tuned), str(fresh.base), "ties", out=tmp_path / "reference")
+    out, expected = tensors(result.path), tensors(reference.path)
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
+
+
+def test_error_pickle_refused_when_turned_off(fresh, tmp_path):
+    pickled = pickled_base(fresh, tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(FusionError, match="--no-pickle") as err:
+        fuse(str(fresh.tuned), str(pickled), "ties", out=tmp_path / "out", allow_pickle=False)
+    assert "pytorch_model.bin" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+class _RunsCode:
+    """A pickle that would call a function when unpickled (what weights_only refuses)."""
+
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def test_error_pickle_that_runs_code_is_refused(fresh, tmp_path, capsys):
+    pickled = pickled_base(fresh, tmp_path)
+    torch.save({"model.embed_tokens.weight": _RunsCode()}, pickled / "pytorch_model.bin")
+    expect_error(tmp_path, fresh.tuned, pickled, "pytorch_model.bin")
+    assert "this ran while loading" not in capsys.readouterr().out
+
+
+def test_error_shard_listed_in_the_index_is_missing(fresh, tmp_path):
+    shard = sorted(fresh.tuned.glob("*.safetensors"))[1]
+    shard.unlink()
+    message = expect_error(tmp_path, fresh.tuned, fresh.base, f"lists shard {shard.name}, which is missing")
+    assert "model.safetensors.index.json" in message
+
+
+def test_files_outside_the_index_are_ignored(fresh, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"language_model.model.stray.weight": torch.ones(3)}, str(fresh.tuned / "stray.safetensors"))
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.ones(3)}, str(fresh.base / "consolidated.safetensors"))
+    result = fuse(str(fresh.tuned), str(fresh.base), "ties", out=tmp_path / "out")
+    assert not any("stray" in k for k in tensors(result.path))
+
+
+def test_error_index_names_a_tensor_its_shard_lacks(fresh, tmp_path):
+    index_file = fresh.tuned / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name, shard = next(iter(index["weight_map"].items()))
+    other = next(f for f in set(index["weight_map"].values()) if f != shard)
+    index["weight_map"][name] = other
+    index_file.write_text(json.dumps(index))
+    expect_error(tmp_path, fresh.tuned, fresh.base, f"lists tensor '{name}'")
 
 
 def test_error_unreachable_hub_without_local_copy(fresh, tmp_path, monkeypatch):
@@ -261,7 +319,7 @@ def test_error_unreachable_hub_without_local_copy(fresh, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     message = expect_error(tmp_path, fresh.tuned, Path("lmsys/vicuna-7b-v1.5"), "cannot fetch 'lmsys/vicuna-7b-v1.5'")
-    assert "connection refused" in message and "no local copy" in message
+    assert "connection refused" in message and "local Hugging Face cache" in message
 
 
 def test_error_not_a_model_reference(fresh, tmp_path):
