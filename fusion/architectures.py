@@ -70,6 +70,12 @@ LAYOUTS: tuple[Layout, ...] = (
 SHARED_MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
 
 
+# Tokens a vision tower adds before its patch tokens (CLIP's class token), by its config's
+# model_type: a LLaVA processor needs it to expand <image> into the right number of tokens,
+# and repos converted before processors recorded it (TinyLLaVA) leave it unset.
+VISION_EXTRA_TOKENS: dict[str, int] = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+
 def detect_layout(keys: list[str]) -> Layout:
     """The layout of a tuned checkpoint, from its tensor names."""
     for layout in LAYOUTS:

@@ -1,9 +1,12 @@
 """Loading a base LLM or a LLaVA-style MLLM and asking it questions, the same way for the
 behaviour bench and the app.
 
-Prompts go through the model's own chat template (``apply_chat_template``); a base LLM whose
-tokenizer has none (Vicuna v1.5 ships without one) gets Vicuna v1.1's format. Decoding is
-greedy, so answers are repeatable.
+Models are found the way the merge finds them (``fusion.checkpoint.resolve_directory``: a local
+directory, or a hub repo in the cache or downloaded), so a model the merge can read, the app can
+load. Prompts go through the model's own chat template (``apply_chat_template``); a base LLM
+whose tokenizer has none (Vicuna v1.5 ships without one) gets Vicuna v1.1's format, and a LLaVA
+whose processor has none (TinyLLaVA) gets LLaVA-1.5's. Decoding is greedy, so answers are
+repeatable.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .architectures import SHARED_MODULES, VISION_EXTRA_TOKENS
+from .checkpoint import resolve_directory
+from .errors import FusionError
+
 VICUNA_SYSTEM = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
 VICUNA_TEMPLATE = (
     VICUNA_SYSTEM + " {% for message in messages %}"
@@ -25,6 +32,62 @@ VICUNA_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ message['content'] }}{{ eos_token }}{% endif %}"
     "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+# LLaVA-1.5's conversation format ("USER: <image>\n... ASSISTANT:"), for a LLaVA repo without a
+# chat template of its own.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+# Python packages that tokenizer files need, by file: a Llama tokenizer shipped only as a
+# SentencePiece model is read (and converted) with these.
+_TOKENIZER_PACKAGES = {"tokenizer.model": ("sentencepiece", "google.protobuf")}
+
+
+def check_tokenizer_packages(directory: Path) -> None:
+    """Name the missing package before transformers tries a reader that cannot work (without
+    sentencepiece it falls back to tiktoken and fails with an unrelated message)."""
+    import importlib.util
+
+    if (directory / "tokenizer.json").is_file():
+        return
+    for file, packages in _TOKENIZER_PACKAGES.items():
+        if not (directory / file).is_file():
+            continue
+        missing = [p for p in packages if importlib.util.find_spec(p.split(".")[0]) is None]
+        if missing:
+            names = " ".join("protobuf" if p == "google.protobuf" else p for p in missing)
+            raise FusionError(f"{directory / file}: reading this tokenizer needs the Python package(s) {names}: pip install {names}")
+
+
+def quantization(device: torch.device) -> Any:
+    """bitsandbytes nf4 for the language model's linear layers, computing in float16 on CUDA and
+    bfloat16 on a CPU. The vision tower and projector stay in full precision, so that the
+    original and the fused model (which copies them unchanged) can share one copy."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype(device),
+        llm_int8_skip_modules=[f"model.{name}" for name in SHARED_MODULES] + ["lm_head"],
+    )
+
+
+def complete_processor(processor: Any, config: Any) -> None:
+    """Fill in what a LLaVA processor needs to count image tokens from the model's config, for
+    repos without a processor_config.json (TinyLLaVA's): without them every image fails."""
+    if getattr(processor, "patch_size", None) is None:
+        processor.patch_size = config.vision_config.patch_size
+    if getattr(processor, "vision_feature_select_strategy", None) is None:
+        processor.vision_feature_select_strategy = config.vision_feature_select_strategy
+    if getattr(processor, "num_additional_image_tokens", None) in (None, 0):
+        processor.num_additional_image_tokens = VISION_EXTRA_TOKENS.get(config.vision_config.model_type, 0)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
 
 
 @dataclass
@@ -41,27 +104,38 @@ class ChatModel:
         return self.processor.tokenizer if self.multimodal else self.processor
 
     @classmethod
-    def load(cls, path: str | Path, multimodal: bool, *, device: str = "cpu", dtype: torch.dtype | None = None, load_4bit: bool = False, name: str = "") -> ChatModel:
-        """Load from a local directory (or hub id). ``load_4bit`` quantizes with bitsandbytes
-        nf4 (CUDA only). Never runs remote code."""
-        from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, BitsAndBytesConfig, LlavaForConditionalGeneration
+    def load(cls, ref: str | Path, multimodal: bool, *, device: str = "cpu", dtype: torch.dtype | None = None, load_4bit: bool = False, name: str = "") -> ChatModel:
+        """Load from a local directory or hub repo id. ``load_4bit`` quantizes the language
+        model to nf4 (bitsandbytes, on CUDA or a CPU). On CUDA the weights are placed with
+        ``device_map="auto"``: a model too large for the GPU spills to CPU memory instead of
+        failing. Never runs remote code."""
+        from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+        directory = resolve_directory(str(ref))
+        check_tokenizer_packages(directory)
+        target = torch.device(device)
         kwargs: dict[str, Any] = {"dtype": dtype or "auto"}
         if load_4bit:
-            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
-            kwargs["device_map"] = {"": 0}
+            kwargs["quantization_config"] = quantization(target)
+            kwargs["dtype"] = compute_dtype(target)
+        if target.type == "cuda":
+            kwargs["device_map"] = "auto"
+        elif load_4bit:
+            kwargs["device_map"] = {"": "cpu"}
         loader = LlavaForConditionalGeneration if multimodal else AutoModelForCausalLM
-        model = loader.from_pretrained(str(path), **kwargs).eval()
-        if not load_4bit:
-            model.to(device)
-        processor = (AutoProcessor if multimodal else AutoTokenizer).from_pretrained(str(path))
+        model = loader.from_pretrained(str(directory), **kwargs).eval()
+        if "device_map" not in kwargs:
+            model.to(target)
+        processor = (AutoProcessor if multimodal else AutoTokenizer).from_pretrained(str(directory))
         tokenizer = processor.tokenizer if multimodal else processor
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-        if not multimodal and tokenizer.chat_template is None:
-            tokenizer.chat_template = VICUNA_TEMPLATE
-        return cls(model, processor, multimodal, name or str(path))
+        if processor.chat_template is None:
+            processor.chat_template = LLAVA_TEMPLATE if multimodal else VICUNA_TEMPLATE
+        if multimodal:
+            complete_processor(processor, model.config)
+        return cls(model, processor, multimodal, name or str(ref))
 
     def prompt(self, question: str, image: bool, history: Sequence[tuple[str, str]] = ()) -> str:
         """The chat-templated prompt; ``history`` holds earlier (question, answer) turns, and the

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .architectures import SHARED_MODULES
 from .detectors import detect, highlight
 from .errors import FusionError
 from .evaluate import bar_chart, markdown_table, preset_probes, probe_image, score
@@ -34,9 +35,7 @@ FALLBACK_PRESET = "pocket"
 MAX_MESSAGE_CHARS = 2000
 MAX_IMAGE_BYTES = 10 << 20
 MAX_IMAGE_PIXELS = 36_000_000
-# Modules the fusion copies byte for byte from the tuned model; the fused model borrows the
-# original's instead of holding a second copy.
-SHARED_MODULES = ("vision_tower", "multi_modal_projector")
+DEFAULT_MAX_NEW_TOKENS = 256
 BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known"}
 
 
@@ -67,6 +66,7 @@ class Settings:
     device: str = "auto"
     concurrency: int = 2
     queue_size: int = 32
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ, cuda: bool | None = None) -> Settings:
@@ -74,12 +74,18 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
     parser = argparse.ArgumentParser(description="Neuron-Fusion Studio: compare a tuned MLLM with its fused version.")
     parser.add_argument("--preset", default=env.get("NF_PRESET") or default_preset(cuda), help="model pair (env NF_PRESET; default: llava-1.5-7b with CUDA, else pocket)")
     parser.add_argument("--method", default=env.get("NF_METHOD") or None, help="merge method at load time (env NF_METHOD; default: the preset's)")
-    parser.add_argument("--4bit", dest="load_4bit", action="store_true", default=_truthy(env.get("NF_4BIT")), help="load both models in 4-bit nf4, CUDA only (env NF_4BIT=1)")
+    parser.add_argument("--4bit", dest="load_4bit", action="store_true", default=_truthy(env.get("NF_4BIT")), help="load the models' language layers in 4-bit nf4, on CUDA or a CPU (env NF_4BIT=1)")
     parser.add_argument("--device", default=env.get("NF_DEVICE") or "auto", choices=("auto", "cpu", "cuda"), help="where models run and merge (env NF_DEVICE)")
     parser.add_argument("--concurrency", type=int, default=int(env.get("NF_CONCURRENCY") or 2), help="model calls at once (env NF_CONCURRENCY)")
     parser.add_argument("--queue-size", type=int, default=int(env.get("NF_QUEUE_SIZE") or 32), help="requests waiting at most (env NF_QUEUE_SIZE)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=int(env.get("NF_MAX_NEW_TOKENS") or DEFAULT_MAX_NEW_TOKENS),
+        help="longest answer in tokens, per model and message (env NF_MAX_NEW_TOKENS)",
+    )
     args = parser.parse_args(argv)
-    return Settings(args.preset, args.method, args.load_4bit, args.device, max(1, args.concurrency), max(1, args.queue_size))
+    return Settings(args.preset, args.method, args.load_4bit, args.device, max(1, args.concurrency), max(1, args.queue_size), max(1, args.max_new_tokens))
 
 
 # --- names ---------------------------------------------------------------------------------
@@ -128,9 +134,9 @@ def context_length(model: ChatModel) -> int:
     return int(model.model.config.get_text_config().max_position_embeddings)
 
 
-def answer_budget(model: ChatModel) -> int:
-    """New tokens per answer: a quarter of the context, at most 256."""
-    return min(256, context_length(model) // 4)
+def answer_budget(model: ChatModel, limit: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    """New tokens per answer: a quarter of the context, at most ``limit`` (the app's setting)."""
+    return min(limit, context_length(model) // 4)
 
 
 def prompt_tokens(model: ChatModel, question: str, image: bool, history: Sequence[tuple[str, str]]) -> int:
@@ -139,15 +145,15 @@ def prompt_tokens(model: ChatModel, question: str, image: bool, history: Sequenc
     return n + (int(getattr(model.model.config, "image_seq_length", 1)) - 1 if image else 0)
 
 
-def fit_history(model: ChatModel, question: str, image: bool, history: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The most recent turns that fit the context with room for the answer; a question that
-    does not fit alone raises StudioError."""
-    room = context_length(model) - answer_budget(model)
+def fit_history(model: ChatModel, question: str, image: bool, history: Sequence[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
+    """The most recent turns that fit the context with room for a ``budget``-token answer; a
+    question that does not fit alone raises StudioError."""
+    room = context_length(model) - budget
     turns = list(history)
     while prompt_tokens(model, question, image, turns) > room:
         if not turns:
             n = prompt_tokens(model, question, image, [])
-            raise StudioError(f"The prompt is {n} tokens long; {model.name} reads at most {room} (plus {answer_budget(model)} for its answer). Shorten the message.")
+            raise StudioError(f"The prompt is {n} tokens long; {model.name} reads at most {room} (plus {budget} for its answer). Shorten the message.")
         turns.pop(0)
     return turns
 
@@ -281,15 +287,26 @@ class Status:
 
 
 def explain_load_error(preset: str, err: BaseException) -> str:
-    """One readable line for a preset that could not load (no hub, no GPU, out of memory)."""
+    """One readable line for a preset that could not load, naming the real cause: the library's
+    own message (which file, which tensor, hub unreachable), a missing package, out of memory."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower():
-        why = "out of memory"
-    elif isinstance(err, (FusionError, OSError)):
-        why = "could not read the models (no hub access or no cached copy?)"
+        why = f"out of memory: {text[:200]}"
+    elif isinstance(err, ImportError) and err.name:
+        why = f"the Python package '{err.name}' is missing: pip install {err.name.split('.')[0]}"
+    elif isinstance(err, (FusionError, StudioError)):
+        why = text
+    elif isinstance(err, OSError):
+        why = f"could not read the model files: {text[:300]}"
     else:
-        why = type(err).__name__
-    return f"Preset '{preset}' could not load: {why}: {text[:300]}"
+        why = f"{type(err).__name__}: {text[:300]}"
+    return f"Preset '{preset}' could not load: {why}"
+
+
+def bitsandbytes_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is None
 
 
 class Studio:
@@ -305,9 +322,9 @@ class Studio:
         self._base: ChatModel | None = None
         self._lock = threading.Lock()
         self.device = resolve_device(settings.device)
-        self.load_4bit = settings.load_4bit and self.device.type == "cuda"
+        self.load_4bit = settings.load_4bit and not bitsandbytes_missing()
         if settings.load_4bit and not self.load_4bit:
-            self.status.notice = "4-bit loading needs a CUDA GPU (bitsandbytes); loading in full precision instead."
+            self.status.notice = "4-bit loading needs the bitsandbytes package (pip install bitsandbytes); loading in full precision instead."
 
     # loading
 
@@ -331,7 +348,8 @@ class Studio:
                 self.status.notice = " ".join(filter(None, [self.status.notice, message]))
                 continue
             self.status.seconds = time.perf_counter() - self.started
-            self.status.state, self.status.message = "ready", f"ready: {name} ({method}) in {self.status.seconds:.1f} s"
+            how = f"{method}, 4-bit nf4" if self.load_4bit else method
+            self.status.state, self.status.message = "ready", f"ready: {name} ({how}) in {self.status.seconds:.1f} s"
             self.log(self.status.message)
             return
         self.status.state, self.status.message = "failed", "no preset could load; see the notice"
@@ -381,7 +399,10 @@ class Studio:
         pair = self.ready()
         with self._lock:
             if self._base is None or self._base.name != titles(pair.preset, pair.method)[2]:
-                self._base = self._load_model(pair.preset.base, False, titles(pair.preset, pair.method)[2])
+                try:
+                    self._base = self._load_model(pair.preset.base, False, titles(pair.preset, pair.method)[2])
+                except Exception as err:  # shown in the chat as a message, not a traceback
+                    raise StudioError(f"The base LLM {pair.preset.base_label} could not load. {explain_load_error(pair.preset.name, err)}") from None
             return self._base
 
     # fusion
@@ -414,8 +435,9 @@ class Studio:
         pair = self.ready()
         out: dict[str, Any] = {"preset": pair.preset.name, "method": pair.method}
         for key, model in (("original", pair.original), ("fused", pair.fused)):
-            fit_history(model, text, image is not None, [])
-            answer = model.answer([text], [image], max_new_tokens=answer_budget(model))[0]
+            budget = answer_budget(model, self.settings.max_new_tokens)
+            fit_history(model, text, image is not None, [], budget)
+            answer = model.answer([text], [image], max_new_tokens=budget)[0]
             out[key] = {"model": model.name, **behaviour(answer)}
         return out
 
@@ -431,8 +453,9 @@ class Studio:
         for model, history in zip(models, histories):
             # the base LLM cannot see the image: it gets the question alone
             seen = image if model.multimodal else None
-            turns = fit_history(model, text, seen is not None, history)
-            streams.append(model.stream(text, seen, history=turns, max_new_tokens=answer_budget(model)))
+            budget = answer_budget(model, self.settings.max_new_tokens)
+            turns = fit_history(model, text, seen is not None, history, budget)
+            streams.append(model.stream(text, seen, history=turns, max_new_tokens=budget))
         return text, merge_streams(streams)
 
     # the Fusion and Behaviour tabs

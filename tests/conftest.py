@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,13 +52,15 @@ def _status(url: str) -> dict | None:
 
 
 @contextmanager
-def running_app(tmp: Path) -> Iterator[RunningApp]:
-    """``python app.py`` on the pocket preset, a free loopback port and a fresh fusion cache
-    under ``tmp``, until the block ends (also used by benchmarks/screenshots.py)."""
+def running_app(tmp: Path, preset: str = "pocket", args: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Iterator[RunningApp]:
+    """``python app.py [args]`` on ``preset``, a free loopback port and a fresh fusion cache
+    under ``tmp``, until the block ends (also used by benchmarks/screenshots.py); ``env`` adds
+    environment variables (a replica hub cache)."""
     port = free_port()
     env = {
         **os.environ,
-        "NF_PRESET": "pocket",
+        **(env or {}),
+        "NF_PRESET": preset,
         "NF_DEVICE": "cpu",
         "NEURON_FUSION_CACHE": str(tmp / "cache"),
         "GRADIO_SERVER_NAME": "127.0.0.1",
@@ -69,7 +71,7 @@ def running_app(tmp: Path) -> Iterator[RunningApp]:
     log = tmp / "app.log"
     start = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "app.py", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         while not ((status := _status(url)) and status["state"] != "loading"):
@@ -77,7 +79,7 @@ def running_app(tmp: Path) -> Iterator[RunningApp]:
                 raise RuntimeError(f"app did not become ready:\n{log.read_text()[-3000:]}")
             time.sleep(0.5)
         if status["state"] != "ready":
-            raise RuntimeError(f"app failed to load: {status}")
+            raise RuntimeError(f"app failed to load: {status}\n{log.read_text()[-3000:]}")
         yield RunningApp(url, time.perf_counter() - start, log)
     finally:
         proc.terminate()

@@ -37,6 +37,7 @@ def test_settings_from_flags_and_env() -> None:
     assert st.parse_settings([], {}, cuda=True).preset == "llava-1.5-7b"
     env = {"NF_PRESET": "pocket", "NF_METHOD": "ties", "NF_4BIT": "1", "NF_DEVICE": "cpu", "NF_QUEUE_SIZE": "5"}
     assert st.parse_settings([], env, cuda=True) == st.Settings("pocket", "ties", True, "cpu", 2, 5)
+    assert st.parse_settings(["--max-new-tokens", "16"], env).max_new_tokens == 16 == st.parse_settings([], {**env, "NF_MAX_NEW_TOKENS": "16"}).max_new_tokens
     flags = st.parse_settings(["--preset", "llava-1.5-7b", "--method", "dare", "--device", "cuda"], env, cuda=False)
     assert (flags.preset, flags.method, flags.device, flags.load_4bit) == ("llava-1.5-7b", "dare", "cuda", True)
 
@@ -86,21 +87,53 @@ def test_loads_and_shares_the_vision_tower(studio: st.Studio) -> None:
 
 def test_unknown_preset_falls_back_to_pocket(tmp_path: Path) -> None:
     with mock.patch.dict(os.environ, {"NEURON_FUSION_CACHE": str(tmp_path)}):
-        s = st.Studio(st.Settings("no-such-preset", load_4bit=True, device="cpu"), log=lambda line: None)
+        s = st.Studio(st.Settings("no-such-preset", device="cpu"), log=lambda line: None)
         s.load()
     assert s.status.state == "ready" and s.ready().preset.name == "pocket"
-    assert "no-such-preset" in s.status.notice and "4-bit" in s.status.notice
-    assert not s.load_4bit
+    assert "Preset 'no-such-preset' could not load: unknown preset 'no-such-preset'" in s.status.notice
+    assert "hub" not in s.status.notice
+
+
+def test_4bit_on_a_cpu_quantizes_both_models_and_answers(tmp_path: Path) -> None:
+    from bitsandbytes.nn import Linear4bit
+
+    with mock.patch.dict(os.environ, {"NEURON_FUSION_CACHE": str(tmp_path)}):
+        s = st.Studio(st.Settings("pocket", load_4bit=True, device="cpu"), log=lambda line: None)
+        s.load()
+    assert s.status.state == "ready" and s.load_4bit and "full precision" not in s.status.notice
+    pair = s.ready()
+    for model in (pair.original.model, pair.fused.model):
+        layers = model.model.language_model.layers
+        linear = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        assert linear and all(isinstance(m, Linear4bit) for m in linear)
+        assert not any(isinstance(m, Linear4bit) for m in model.model.vision_tower.modules())
+    assert pair.shared == list(st.SHARED_MODULES)
+    assert pair.fused.model.model.vision_tower is pair.original.model.model.vision_tower
+    out = s.compare(QUESTION)
+    assert out["original"]["answer"] and out["fused"]["answer"]
+
+
+def test_4bit_without_bitsandbytes_says_so(tmp_path: Path) -> None:
+    with mock.patch.object(st, "bitsandbytes_missing", return_value=True):
+        s = st.Studio(st.Settings("pocket", load_4bit=True, device="cpu"), log=lambda line: None)
+    assert not s.load_4bit and "pip install bitsandbytes" in s.status.notice
+
+
+def test_load_errors_name_the_real_cause() -> None:
+    from fusion.errors import FusionError
+
+    missing = FusionError("lmsys/vicuna-7b-v1.5/tokenizer.model: reading this tokenizer needs the Python package(s) sentencepiece")
+    assert st.explain_load_error("llava-1.5-7b", missing).endswith("needs the Python package(s) sentencepiece")
+    module = ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")
+    assert "pip install sentencepiece" in st.explain_load_error("llava-1.5-7b", module)
+    for err in (missing, module, OSError("config.json not found")):
+        assert "hub" not in st.explain_load_error("llava-1.5-7b", err)
+    assert "out of memory" in st.explain_load_error("big", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
 
 
 def test_not_ready_is_explained() -> None:
     with pytest.raises(st.StudioError, match="still loading"):
         st.Studio(st.Settings("pocket", device="cpu"), log=lambda line: None).ready()
-
-
-def test_load_errors_read_well() -> None:
-    assert "out of memory" in st.explain_load_error("big", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert "no hub access" in st.explain_load_error("big", OSError("We couldn't connect to 'https://huggingface.co'"))
 
 
 # asking
@@ -123,18 +156,18 @@ def test_chat_streams_the_greedy_answers(studio: st.Studio) -> None:
     updates = list(stream)
     assert all(len(u) == 3 for u in updates)
     pair = studio.ready()
-    expected = [m.answer([QUESTION], max_new_tokens=st.answer_budget(m))[0] for m in (pair.original, pair.fused, studio.base())]
+    expected = [m.answer([QUESTION], max_new_tokens=st.answer_budget(m, studio.settings.max_new_tokens))[0] for m in (pair.original, pair.fused, studio.base())]
     assert updates[-1] == expected
 
 
 def test_history_is_trimmed_to_fit(studio: st.Studio) -> None:
     model = studio.ready().original
     history = [(f"{QUESTION} {i}", "The opposite of hot is cold.") for i in range(30)]
-    kept = st.fit_history(model, QUESTION, True, history)
+    kept = st.fit_history(model, QUESTION, True, history, st.answer_budget(model))
     assert 0 < len(kept) < len(history) and kept == history[-len(kept) :]
     assert st.prompt_tokens(model, QUESTION, True, kept) <= st.context_length(model) - st.answer_budget(model)
     with pytest.raises(st.StudioError, match="tokens long"):
-        st.fit_history(model, " ".join(["word"] * 200), False, [])
+        st.fit_history(model, " ".join(["word"] * 200), False, [], st.answer_budget(model))
 
 
 def test_merge_streams_interleaves_and_raises() -> None:
