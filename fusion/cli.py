@@ -5,8 +5,10 @@
     python -m fusion inspect --tuned T --base B [--set NAME=VALUE ...] [--json FILE]
     python -m fusion methods
 
-This interface is stable: scripts outside the project call it. Errors in the input print one
-line naming the file, tensor or value at fault and exit with status 2.
+Installed as a package (``pip install .``), the same command is ``neuron-fusion``. This
+interface is stable: scripts outside the project call it. Errors in the input print one
+line naming the file, tensor or value at fault and exit with status 2. Parsing and ``methods``
+do not import torch (only the registry's data), so they answer at once.
 """
 
 from __future__ import annotations
@@ -19,10 +21,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm import tqdm
-
 from .errors import FusionError
-from .registry import METHOD_NAMES, METHODS, PRESETS, schema
+from .registry import ALIASES, METHOD_NAMES, METHODS, resolve, schema
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
@@ -57,8 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fusion", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="merge a tuned model toward its base LLM and write a checkpoint")
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("eval", help="the behaviour bench: language/visual accuracy, hallucination and Not-Known rates")
     bench.add_argument("--preset", required=True, help="model pair and probe set (e.g. pocket, llava-1.5-7b)")
-    bench.add_argument("--methods", default="task_arithmetic,ties,breadcrumbs,dare,della,neuron_fusion", help="comma-separated methods, each at its defaults")
+    bench.add_argument(
+        "--methods", default="task_arithmetic,ties,breadcrumbs,dare,della,neuron_fusion", help="comma-separated methods, each at its defaults"
+    )
     bench.add_argument("--out", required=True, help="directory for results.json, results.md, results.png, replies.jsonl")
     bench.add_argument("--sweep", action="store_true", help="sweep each method's strength knob and plot the language-vs-visual trade-off")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -89,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .merge import fuse
+
+    recipe = resolve(args.method, parse_sets(args.sets), args.seed)
 
     bar = None  # created on the first report, so errors found while checking the inputs come alone
 
@@ -106,10 +112,8 @@ def run_merge(args: argparse.Namespace) -> int:
         result = fuse(
             args.tuned,
             args.base,
-            args.method,
-            parse_sets(args.sets),
-            args.out,
-            seed=args.seed,
+            recipe,
+            out=args.out,
             device=args.device,
             shard_bytes=args.shard_size,
             allow_pickle=args.allow_pickle,
@@ -126,7 +130,7 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from .merge import inspect_pair
 
-    report = inspect_pair(args.tuned, args.base, parse_sets(args.sets), allow_pickle=args.allow_pickle)
+    report = inspect_pair(args.tuned, args.base, resolve("neuron_fusion", parse_sets(args.sets)), allow_pickle=args.allow_pickle)
     print(f"{'layer':>5}  {'kind':<22} {'neurons':>8} {'located':>8} {'median':>10} {'p90':>10} {'p99':>10} {'max':>10}")
     for row in report["kinds"]:
         q = row["quantiles"]
@@ -152,9 +156,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_methods(_: argparse.Namespace) -> int:
     for name in METHOD_NAMES:
-        method, preset = PRESETS.get(name, (name, {}))
-        head = f"{name}: {METHODS[method].help}" + (f" (= {method} with {preset})" if preset else "")
-        print(head)
+        method, fixed = ALIASES.get(name, (name, {}))
+        spec = METHODS[method]
+        pair = f" [Sub {spec.sparsify}, F {spec.combine}]" if spec.combine else " [the inner method's Sub and F, then Neuron-Restore]"
+        print(f"{name}: {spec.help}" + (f" (= {method} with {fixed})" if fixed else pair))
         for p in schema(name):
             print(f"    {p.name:<12} default {p.default!s:<16} range {p.range_text():<28} {p.help}")
     return 0
@@ -188,8 +193,9 @@ def _show_notices() -> None:
         logger.setLevel(logging.INFO)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "neuron-fusion") -> int:
+    """The command line; returns the exit status (the ``neuron-fusion`` script exits with it)."""
+    args = build_parser(prog).parse_args(argv)
     _show_notices()
     commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:

@@ -143,7 +143,7 @@ def run_bench(
         add("tuned", ChatModel.load(preset.tuned, multimodal=True, device=device))
     for method, params in methods:
         recipe = resolve(method, params, seed)
-        result = fuse(preset.tuned, preset.base, method, params, seed=seed, device=device, progress=None)
+        result = fuse(preset.tuned, preset.base, recipe, device=device, progress=None)
         settings = ", ".join(f"{k}={recipe.params[k]}" for k in params)
         label = f"fused: {method}" + (f" ({settings})" if settings else "")
         add("fused", ChatModel.load(result.path, multimodal=True, device=device), method, recipe.params, label)

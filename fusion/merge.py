@@ -25,9 +25,8 @@ from . import __version__
 from .architectures import Family, detect_layout, family_for
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import FusionError
-from .methods import full_change, restore
 from .neurons import NeuronKind, change_scores, describe, layer_of, neuron_kinds, top_fraction
-from .registry import Recipe, resolve
+from .registry import Recipe, as_recipe, resolve
 from .writer import Entry, ShardedWriter, plan_shards
 
 RECIPE_FILE = "fusion_recipe.json"
@@ -234,19 +233,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _merge_tensor(p: Planned, sources: Sources, recipe: Recipe, locator: Locator | None, device: torch.device) -> torch.Tensor:
-    """One output tensor: copied, or merged by the method (and, for Neuron-Fusion, its
-    located neurons restored), with any extra vocabulary rows appended from the tuned model."""
+    """One output tensor: copied, or merged by the recipe's method (which, for Neuron-Fusion,
+    also restores the located neurons), with any extra vocabulary rows appended from the tuned model."""
     if p.base_name is None:
         return sources.tuned.get(p.name)
     b, t = (x.to(device) for x in sources.pair(p.base_name))
     generator = torch.Generator().manual_seed(seed_for(recipe.seed, p.name)) if recipe.random else None
-    merged = recipe.inner.fn(b, [t], recipe.inner_params, generator)
     located = locator.neurons_of(p.base_name) if locator else None
-    if located:
-        axis, index = located
-        if merged is t or merged is b:  # λ = 1 or 0 handed back an input: never write into it
-            merged = merged.clone()
-        restore(merged, full_change(b, [t]), axis, index.to(device))
+    merged = recipe.merge(b, [t], generator, located)
     if p.rows:
         merged = torch.cat([merged, sources.tuned.get(p.name)[p.rows :].to(device)])
     return merged
@@ -271,7 +265,7 @@ def _prepare_out(out: Path, key: str) -> bool:
 def fuse(
     tuned_ref: str,
     base_ref: str,
-    method: str,
+    method: str | Recipe,
     params: dict[str, Any] | None = None,
     out: str | Path | None = None,
     *,
@@ -290,7 +284,7 @@ def fuse(
     and the recipe, and an earlier identical merge is reused.
     """
     start = time.perf_counter()
-    recipe = resolve(method, params, seed)
+    recipe = as_recipe(method, params, seed)  # a method name and raw values are resolved here, once
     dev = resolve_device(device)
     tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
     base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
@@ -344,10 +338,12 @@ def fuse(
     return FuseResult(out, False, {**record, "key": key}, report, seconds)
 
 
-def inspect_pair(tuned_ref: str, base_ref: str, params: dict[str, Any] | None = None, *, allow_pickle: bool = True) -> dict[str, Any]:
+def inspect_pair(tuned_ref: str, base_ref: str, params: dict[str, Any] | Recipe | None = None, *, allow_pickle: bool = True) -> dict[str, Any]:
     """Neuron-Locate over a whole pair without merging: per layer and kind, how many neurons,
     how many located, score quantiles and the sorted score curve (``python -m fusion inspect``)."""
-    recipe = resolve("neuron_fusion", params)
+    recipe = params if isinstance(params, Recipe) else resolve("neuron_fusion", params)
+    if not recipe.spec.locates_neurons:
+        raise FusionError(f"inspect locates neurons: it needs a Neuron-Fusion recipe, not one for '{recipe.method}'")
     tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
     base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
     plan = plan_merge(tuned, base)

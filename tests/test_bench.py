@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fusion.cli import main
-from fusion.evaluate import Probe, is_correct, load_probes, parse_methods, run_sweep
 from fusion.errors import FusionError
+from fusion.evaluate import Probe, is_correct, load_probes, parse_methods, run_sweep
 from fusion.presets import get_preset, probe_path
 
 POCKET = get_preset("pocket")

@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+from importlib import import_module
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +69,9 @@ def test_inspect_prints_a_table_and_writes_json_and_plot(pair, tmp_path):
         (["--method", "ties", "--set", "density=2"], "'density' of method 'ties' is 2.0"),
         (["--method", "ties", "--set", "density"], "--set expects NAME=VALUE"),
         (["--method", "dare", "--device", "cuda"], "no CUDA GPU"),
+        (["--method", "task_arithmetic", "--set", "lambda=nan"], "'lambda' of method 'task_arithmetic' must be a finite number"),
+        (["--method", "neu-p-bread", "--set", "gamma=inf"], "'gamma' of method 'neu-p-bread' must be a finite number"),
+        (["--method", "dare", "--seed", "-1"], "seed must be a non-negative integer"),
     ],
 )
 def test_errors_exit_2_with_one_line(pair, tmp_path, args, fragment):
@@ -81,3 +86,21 @@ def test_methods_lists_every_method():
     assert run.returncode == 0
     for name in ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread"):
         assert f"\n{name}:" in "\n" + run.stdout
+
+
+@pytest.mark.parametrize("args", [["methods"], ["--help"], ["merge", "--help"]])
+def test_listing_and_parsing_import_no_torch(args):
+    code = "import sys\nfrom fusion.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+    assert run.stdout.splitlines()[-1] == "False"
+
+
+def test_console_script_is_the_cli_and_returns_its_status(capsys):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, func = scripts["neuron-fusion"].partition(":")
+    main = getattr(import_module(module), func)
+    assert main(["methods"]) == 0
+    listed = "\n" + capsys.readouterr().out
+    names = ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread")
+    assert all(f"\n{name}:" in listed for name in names)

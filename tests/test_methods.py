@@ -1,12 +1,17 @@
-"""The merge maths against the spec's identities and against independent, sort-based reference
-implementations written here from the spec's table."""
+"""The merge maths against the identities in docs/methods.md and against independent, sort-based
+reference implementations written here from its tables; and the registry's checking of names
+and values."""
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from fusion import methods
+from fusion import methods, sparsify
+from fusion.combine import COMBINERS
 from fusion.errors import FusionError
-from fusion.registry import METHOD_NAMES, resolve, schema
+from fusion.registry import BASELINES, METHOD_NAMES, as_recipe, resolve, schema
 
 
 def pair(shape=(64, 48), n=1, dtype=torch.float32, seed=0):
@@ -16,8 +21,9 @@ def pair(shape=(64, 48), n=1, dtype=torch.float32, seed=0):
     return base, tuned
 
 
-def params(method, **values):
-    return resolve(method, values).params
+def merge(method, base, tuned, generator=None, **values):
+    """One tensor merged the way ``fusion.merge`` does it: through the resolved Recipe."""
+    return resolve(method, values).merge(base, tuned, generator)
 
 
 # --- references: plain sorts, one element at a time where it helps readability ----------------
@@ -52,30 +58,30 @@ def ref_sign_mean(deltas):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_task_arithmetic_endpoints_are_exact(dtype):
     base, tuned = pair(dtype=dtype)
-    assert torch.equal(methods.task_arithmetic(base, tuned, {"lambda": 1.0}), tuned[0])
-    assert torch.equal(methods.task_arithmetic(base, tuned, {"lambda": 0.0}), base)
+    assert torch.equal(merge("task_arithmetic", base, tuned, **{"lambda": 1.0}), tuned[0])
+    assert torch.equal(merge("task_arithmetic", base, tuned, **{"lambda": 0.0}), base)
 
 
 def test_task_arithmetic_multi_task_sum():
     base, tuned = pair(n=3)
-    got = methods.task_arithmetic(base, tuned, {"lambda": 0.3})
+    got = merge("task_arithmetic", base, tuned, **{"lambda": 0.3})
     want = base + 0.3 * sum(t - base for t in tuned)
     torch.testing.assert_close(got, want)
 
 
 def test_task_arithmetic_half_precision_rounds_float32_result():
     base, tuned = pair(dtype=torch.bfloat16)
-    got = methods.task_arithmetic(base, tuned, {"lambda": 0.3})
+    got = merge("task_arithmetic", base, tuned, **{"lambda": 0.3})
     want = (base.float() + 0.3 * (tuned[0].float() - base.float())).to(torch.bfloat16)
     assert got.dtype == torch.bfloat16
-    assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= 2**-7 * want.float().abs().max()
 
 
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("density", [0.2, 0.55, 1.0])
 def test_ties_matches_reference(n, density):
     base, tuned = pair(n=n, seed=n)
-    got = methods.ties(base, tuned, params("ties", density=density, **{"lambda": 0.7}))
+    got = merge("ties", base, tuned, density=density, **{"lambda": 0.7})
     deltas = [ref_keep_top(t - base, density) for t in tuned]
     torch.testing.assert_close(got, base + 0.7 * ref_sign_mean(deltas))
 
@@ -83,7 +89,7 @@ def test_ties_matches_reference(n, density):
 @pytest.mark.parametrize("n", [1, 2])
 def test_breadcrumbs_matches_reference(n):
     base, tuned = pair(n=n, seed=4)
-    got = methods.breadcrumbs(base, tuned, params("breadcrumbs", density=0.6, gamma=0.1))
+    got = merge("breadcrumbs", base, tuned, density=0.6, gamma=0.1)
     want = base + sum(ref_band(t - base, 0.6, 0.1) for t in tuned)
     torch.testing.assert_close(got, want)
 
@@ -93,12 +99,12 @@ def test_magnitude_at_rank_agrees_with_sort():
     x = torch.randn(5000, generator=g) * torch.logspace(-6, 3, 5000)
     ordered = x.abs().sort(descending=True).values
     for rank in (1, 2, 17, 2500, 4999, 5000):
-        assert methods.magnitude_at_rank(x, rank) == float(ordered[rank - 1])
+        assert sparsify.magnitude_at_rank(x, rank) == float(ordered[rank - 1])
 
 
 def test_dare_mask_statistics_and_fixed_mask_result():
     base, tuned = pair(shape=(400, 250), seed=5)
-    got = methods.dare(base, tuned, params("dare", density=0.3), torch.Generator().manual_seed(9))
+    got = merge("dare", base, tuned, torch.Generator().manual_seed(9), density=0.3)
     delta = tuned[0] - base
     kept = (got - base).abs() > 1e-7
     assert abs(kept.float().mean().item() - 0.3) < 0.01
@@ -117,7 +123,7 @@ def ref_della_keep_prob(width, density, epsilon):
 def test_della_fixed_mask_result():
     base, tuned = pair(shape=(30, 40), seed=6)
     density, epsilon = 0.4, 0.2
-    got = methods.della(base, tuned, params("della", density=density, epsilon=epsilon), torch.Generator().manual_seed(2))
+    got = merge("della", base, tuned, torch.Generator().manual_seed(2), density=density, epsilon=epsilon)
     delta = tuned[0] - base
     draw = torch.rand(delta.shape, generator=torch.Generator().manual_seed(2))
     keep_p = torch.empty_like(delta)
@@ -131,7 +137,7 @@ def test_della_fixed_mask_result():
 def test_della_keep_probability_falls_with_rank():
     density, epsilon, width = 0.3, 0.2, 10
     delta = torch.linspace(1, 2, width).repeat(20000, 1)  # column 9 largest in every row
-    kept = methods.rank_keep(delta.clone(), density, epsilon, torch.Generator().manual_seed(0)) != 0
+    kept = sparsify.ranked(delta.clone(), {"density": density, "epsilon": epsilon}, torch.Generator().manual_seed(0)) != 0
     rate = kept.float().mean(0)
     expected = ref_della_keep_prob(width, density, epsilon).flip(0)
     assert (rate - expected).abs().max() < 0.015
@@ -139,12 +145,43 @@ def test_della_keep_probability_falls_with_rank():
 
 
 def test_restore_takes_rows_and_columns_from_full():
-    merged, full = torch.zeros(4, 5), torch.arange(20.0).view(4, 5)
-    methods.restore(merged, full, 0, torch.tensor([1, 3]))
+    base, full = torch.zeros(4, 5), torch.arange(20.0).view(4, 5)
+    merged = torch.zeros(4, 5)
+    methods.restore(merged, base, [full], (0, torch.tensor([1, 3])))
     assert torch.equal(merged[1], full[1]) and torch.equal(merged[3], full[3]) and merged[0].abs().sum() == 0
     merged = torch.zeros(4, 5)
-    methods.restore(merged, full, 1, torch.tensor([2]))
+    methods.restore(merged, base, [full], (1, torch.tensor([2])))
     assert torch.equal(merged[:, 2], full[:, 2]) and merged[:, [0, 1, 3, 4]].abs().sum() == 0
+
+
+@pytest.mark.parametrize("inner", ["task_arithmetic", "ties"])
+def test_neuron_fusion_restores_the_full_change_of_several_models(inner):
+    base, tuned = pair(n=3, seed=8)
+    located = torch.tensor([0, 7, 40])
+    got = resolve("neuron_fusion", {"inner": inner, "suppress": 0.2}).merge(base, tuned, None, (0, located))
+    suppressed = merge(inner, base, tuned, **{"lambda": 0.2})
+    full = base + sum(t - base for t in tuned)
+    others = torch.ones(base.shape[0], dtype=torch.bool)
+    others[located] = False
+    torch.testing.assert_close(got[located], full[located])
+    assert torch.equal(got[others], suppressed[others])
+
+
+def test_neuron_fusion_one_model_located_rows_are_the_tuned_rows_bit_for_bit():
+    base, tuned = pair(dtype=torch.bfloat16, seed=9)
+    got = resolve("neuron_fusion", {"suppress": 0.0}).merge(base, tuned, None, (1, torch.tensor([3, 4])))
+    assert torch.equal(got[:, [3, 4]], tuned[0][:, [3, 4]])
+    assert torch.equal(got[:, :3], base[:, :3]) and torch.equal(got[:, 5:], base[:, 5:])
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_every_method_is_a_bound_pair_made_once_per_recipe(method):
+    recipe = resolve(method)
+    assert recipe.merge is recipe.merge  # bound once, not per tensor
+    inner = recipe.inner
+    assert inner.name in BASELINES and recipe.merge.sparsify is sparsify.SPARSIFIERS[inner.sparsify]
+    assert recipe.merge.combine is COMBINERS[inner.combine]
+    assert recipe.random == (inner.sparsify in ("random", "ranked"))
 
 
 @pytest.mark.parametrize(
@@ -167,10 +204,58 @@ def test_bad_parameters_are_named(method, values, fragment):
     assert fragment in str(err.value)
 
 
-def test_presets_and_schema():
+def test_aliases_and_schema():
     recipe = resolve("neu-p-bread", {"density": "0.8"})
     assert recipe.method == "neuron_fusion" and recipe.params["inner"] == "breadcrumbs"
     assert recipe.params["density"] == 0.8 and recipe.inner_params["lambda"] == recipe.params["suppress"]
     assert {p.name for p in schema("neu-p-bread")} >= {"top_ratio", "suppress", "density", "gamma"}
     assert "lambda" not in {p.name for p in schema("neu-p-bread")}
     assert set(METHOD_NAMES) == {"task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread"}
+
+
+@pytest.mark.parametrize(
+    "method, name, value",
+    [
+        ("task_arithmetic", "lambda", "nan"),
+        ("task_arithmetic", "lambda", float("nan")),
+        ("ties", "density", "inf"),
+        ("breadcrumbs", "lambda", "-Infinity"),
+        ("dare", "density", "1e999"),
+        ("della", "epsilon", float("inf")),
+        ("neuron_fusion", "suppress", "NaN"),
+        ("neu-p-bread", "gamma", float("-inf")),
+        ("neu-p-taska", "top_ratio", "nan"),
+    ],
+)
+def test_non_finite_parameters_are_refused_naming_parameter_and_method(method, name, value):
+    with pytest.raises(FusionError) as err:
+        resolve(method, {name: value})
+    message = str(err.value)
+    assert f"parameter '{name}' of method '{method}' must be a finite number" in message and "\n" not in message
+
+
+def test_booleans_are_not_numbers():
+    with pytest.raises(FusionError, match="'density' of method 'ties' must be a float, got True"):
+        resolve("ties", {"density": True})
+
+
+@pytest.mark.parametrize("seed", [-1, 1.0, 2.5, True, "3", float("nan")])
+def test_seed_must_be_a_non_negative_int(seed):
+    with pytest.raises(FusionError, match="seed must be a non-negative integer"):
+        resolve("dare", {}, seed)
+
+
+def test_a_recipe_is_taken_as_it_is_and_not_mixed_with_raw_values():
+    recipe = resolve("neu-p-bread", {"density": 0.8}, seed=4)
+    assert as_recipe(recipe) is recipe
+    assert as_recipe("neu-p-bread", {"density": "0.8"}, 4) == recipe
+    with pytest.raises(FusionError, match="a Recipe carries its own parameters and seed"):
+        as_recipe(recipe, {"density": 0.5})
+    with pytest.raises(FusionError, match="a Recipe carries its own parameters and seed"):
+        as_recipe(recipe, seed=1)
+
+
+def test_registry_imports_no_torch():
+    code = "import fusion.registry, sys; print('torch' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "False"
