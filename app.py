@@ -119,19 +119,24 @@ class ChatTab:
             trigger(self.respond, inputs, self.outputs, concurrency_id="models", api_visibility="private")
         self.clear.click(self.reset, None, self.outputs, queue=False, api_visibility="private")
         if image is not None:
-            image.change(self.reset, None, self.outputs, queue=False, api_visibility="private")
+            # a new image starts a new conversation, but keeps the question (an example sets both)
+            image.change(self.reset_chats, None, self.outputs[:-1], queue=False, api_visibility="private")
 
     def view(self, histories: list[list[tuple[str, str]]], latest: list[str | None]) -> list[Any]:
         answers = [a if a is not None else "" for a in latest]
+        seen = self.image is not None  # every turn of the image tab is about its image
         return [
             *(as_messages(h) for h in histories),
-            *(badges_html(behaviour(a)["labels"]) if a else "" for a in answers),
-            *(highlighted(a) if a else None for a in answers),
+            *(badges_html(behaviour(a, prompt_has_image=seen)["labels"]) if a else "" for a in answers),
+            *(highlighted(a, prompt_has_image=seen) if a else None for a in answers),
         ]
 
-    def reset(self) -> list[Any]:
+    def reset_chats(self) -> list[Any]:
         empty = [[] for _ in self.chats]
-        return [*self.view(empty, [None] * len(self.chats)), empty, ""]
+        return [*self.view(empty, [None] * len(self.chats)), empty]
+
+    def reset(self) -> list[Any]:
+        return [*self.reset_chats(), ""]
 
     @gpu
     @user_errors
@@ -175,7 +180,7 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 image = gr.Image(type="filepath", image_mode=None, label="Image", height=260, sources=["upload", "clipboard"])
             image_tab = ChatTab(studio, names[:2], image, None)
-            gr.Examples([list(e) for e in example_images(preset)], [image, image_tab.message], label="Examples: questions about objects that are not there")
+            gr.Examples([list(e) for e in example_images(preset)], [image, image_tab.message], elem_id="nf-image-examples", label="Examples: questions about objects that are not there")
 
         with gr.Tab("Text chat"):
             with_base = gr.Checkbox(label=f"Also ask the base LLM ({preset.base_label})", value=False)

@@ -161,14 +161,15 @@ def fit_history(model: ChatModel, question: str, image: bool, history: Sequence[
 # --- answers and behaviour -----------------------------------------------------------------
 
 
-def behaviour(answer: str) -> dict[str, Any]:
-    """An answer with its detector labels, JSON-able (the API's per-model record)."""
-    matches = detect(answer)
+def behaviour(answer: str, *, prompt_has_image: bool) -> dict[str, Any]:
+    """An answer with its detector labels, JSON-able (the API's per-model record).
+    Context-Hallucination is only looked for when the prompt had no image."""
+    matches = detect(answer, prompt_has_image=prompt_has_image)
     return {"answer": answer, "labels": [m.label for m in matches], "matches": [vars(m) for m in matches]}
 
 
-def highlighted(answer: str) -> list[tuple[str, str | None]]:
-    return highlight(answer, detect(answer))
+def highlighted(answer: str, *, prompt_has_image: bool) -> list[tuple[str, str | None]]:
+    return highlight(answer, detect(answer, prompt_has_image=prompt_has_image))
 
 
 def badges_html(labels: Sequence[str]) -> str:
@@ -438,7 +439,7 @@ class Studio:
             budget = answer_budget(model, self.settings.max_new_tokens)
             fit_history(model, text, image is not None, [], budget)
             answer = model.answer([text], [image], max_new_tokens=budget)[0]
-            out[key] = {"model": model.name, **behaviour(answer)}
+            out[key] = {"model": model.name, **behaviour(answer, prompt_has_image=image is not None)}
         return out
 
     def chat(self, message: str, histories: Sequence[Sequence[tuple[str, str]]], image_path: str | None = None, *, image_required: bool = False, with_base: bool = False) -> tuple[str, Iterator[list[str]]]:

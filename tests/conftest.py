@@ -29,6 +29,7 @@ class RunningApp:
     url: str
     ready_seconds: float  # from process start until the models are loaded
     log: Path
+    pid: int
 
 
 def free_port() -> int:
@@ -80,7 +81,7 @@ def running_app(tmp: Path, preset: str = "pocket", args: Sequence[str] = (), env
             time.sleep(0.5)
         if status["state"] != "ready":
             raise RuntimeError(f"app failed to load: {status}\n{log.read_text()[-3000:]}")
-        yield RunningApp(url, time.perf_counter() - start, log)
+        yield RunningApp(url, time.perf_counter() - start, log, proc.pid)
     finally:
         proc.terminate()
         try:

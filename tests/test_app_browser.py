@@ -60,3 +60,30 @@ def test_text_chat_in_browser(app, tmp_path: Path) -> None:
             print(f"\nanswers: {texts}\nscreenshot: {shot}")
         finally:
             browser.close()
+
+
+def test_image_example_fills_image_and_question_and_both_answer(app, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url)
+            expect(page.locator("#nf-status")).to_contain_text("Ready", timeout=30_000)
+            page.locator("#nf-image-examples tr.tr-body").first.click()
+            box = page.locator(".nf-message textarea").locator("visible=true")
+            expect(box).not_to_have_value("", timeout=10_000)
+            question = box.input_value()
+            page.locator(".nf-send").locator("visible=true").click()
+            columns = page.locator(".nf-column").locator("visible=true")
+            answers = columns.locator("[data-testid='bot']")
+            expect(answers).to_have_count(2, timeout=60_000)
+            texts = settled_texts(answers)
+            assert len(texts) == 2 and all(texts)
+            expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+            expect(columns.locator(".nf-context_hallucination")).to_have_count(0)  # image prompts never carry it
+            assert question in columns.first.inner_text()
+            page.screenshot(path=str(tmp_path / "image-example.png"), full_page=True)
+        finally:
+            browser.close()
