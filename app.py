@@ -1,4 +1,4 @@
-"""Neuron-Fusion Studio: the Gradio app. UI wiring only; the logic is in ``fusion/studio.py``.
+"""Neuron-Fusion Studio: the Gradio app. UI wiring only; the logic is in the ``studio`` package.
 
     python app.py [--preset pocket] [--method neu-p-taska] [--4bit] [--device auto|cpu|cuda]
 
@@ -27,10 +27,10 @@ from fusion.evaluate import preset_probes  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
 from fusion.presets import ASSETS, PRESETS, Preset, get_preset  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
-from fusion.studio import (  # noqa: E402
-    FALLBACK_PRESET,
-    Studio,
-    StudioError,
+from studio import StudioError  # noqa: E402
+from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
+from studio.state import Studio  # noqa: E402
+from studio.view import (  # noqa: E402
     all_params,
     badges_html,
     behaviour,
@@ -39,7 +39,6 @@ from fusion.studio import (  # noqa: E402
     format_progress,
     highlighted,
     method_params,
-    parse_settings,
     recipe_card,
     titles,
 )

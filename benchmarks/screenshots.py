@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from conftest import running_app  # noqa: E402
 from fusion.presets import get_preset  # noqa: E402
-from fusion.studio import example_images, example_prompts  # noqa: E402
+from studio.view import example_images, example_prompts  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 

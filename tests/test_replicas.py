@@ -20,7 +20,9 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, running_app
 from fusion import cli
-from fusion import studio as st
+from fusion.architectures import SHARED_MODULES
+from studio import state
+from studio.settings import Settings
 
 PRESETS = list(REPLICAS)
 ANSWER_TOKENS = 8  # random weights never stop on their own: short answers keep the tests quick
@@ -144,11 +146,11 @@ def test_inspect_and_eval_offline(preset: str, offline: Hub, tmp_path: Path, cap
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_studio_loads_each_preset_and_all_three_columns_answer(preset: str, offline: Hub) -> None:
-    studio = st.Studio(st.Settings(preset, device="cpu", max_new_tokens=ANSWER_TOKENS), log=lambda line: None)
+    studio = state.Studio(Settings(preset, device="cpu", max_new_tokens=ANSWER_TOKENS), log=lambda line: None)
     studio.load()
     assert studio.status.state == "ready", studio.status
     assert studio.ready().preset.name == preset and studio.status.notice == ""
-    assert studio.ready().shared == list(st.SHARED_MODULES)
+    assert studio.ready().shared == list(SHARED_MODULES)
     text = studio.compare("What is the capital of France?")
     image = studio.compare("Is there a dog in the image?", ROOT / "assets" / "examples" / "cat.jpg", image_required=True)
     for result in (text, image):

@@ -1,4 +1,4 @@
-"""fusion.studio, the app's logic, on the bundled pocket pair (no server, no browser)."""
+"""The app's logic (the ``studio`` package) on the bundled pocket pair (no server, no browser)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,22 @@ import torch
 from PIL import Image
 
 from fusion import plots
-from fusion import studio as st
+from fusion.architectures import SHARED_MODULES
 from fusion.detectors import detect
 from fusion.merge import Progress
 from fusion.presets import ASSETS, get_preset
 from fusion.registry import METHOD_NAMES, schema
+from studio import StudioError, chat, state, view
+from studio.settings import Settings, parse_settings
 
 QUESTION = "What is the opposite of hot?"
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory: pytest.TempPathFactory) -> st.Studio:
+def studio(tmp_path_factory: pytest.TempPathFactory) -> state.Studio:
     cache = tmp_path_factory.mktemp("cache")
     with mock.patch.dict(os.environ, {"NEURON_FUSION_CACHE": str(cache)}):
-        s = st.Studio(st.Settings("pocket", device="cpu"), log=lambda line: None)
+        s = state.Studio(Settings("pocket", device="cpu"), log=lambda line: None)
         s.load()
         yield s
 
@@ -33,61 +35,61 @@ def studio(tmp_path_factory: pytest.TempPathFactory) -> st.Studio:
 
 
 def test_settings_from_flags_and_env() -> None:
-    assert st.parse_settings([], {}, cuda=False).preset == "pocket"
-    assert st.parse_settings([], {}, cuda=True).preset == "llava-1.5-7b"
+    assert parse_settings([], {}, cuda=False).preset == "pocket"
+    assert parse_settings([], {}, cuda=True).preset == "llava-1.5-7b"
     env = {"NF_PRESET": "pocket", "NF_METHOD": "ties", "NF_4BIT": "1", "NF_DEVICE": "cpu", "NF_QUEUE_SIZE": "5"}
-    assert st.parse_settings([], env, cuda=True) == st.Settings("pocket", "ties", True, "cpu", 2, 5)
-    assert st.parse_settings(["--max-new-tokens", "16"], env).max_new_tokens == 16 == st.parse_settings([], {**env, "NF_MAX_NEW_TOKENS": "16"}).max_new_tokens
-    flags = st.parse_settings(["--preset", "llava-1.5-7b", "--method", "dare", "--device", "cuda"], env, cuda=False)
+    assert parse_settings([], env, cuda=True) == Settings("pocket", "ties", True, "cpu", 2, 5)
+    assert parse_settings(["--max-new-tokens", "16"], env).max_new_tokens == 16 == parse_settings([], {**env, "NF_MAX_NEW_TOKENS": "16"}).max_new_tokens
+    flags = parse_settings(["--preset", "llava-1.5-7b", "--method", "dare", "--device", "cuda"], env, cuda=False)
     assert (flags.preset, flags.method, flags.device, flags.load_4bit) == ("llava-1.5-7b", "dare", "cuda", True)
 
 
 def test_titles_name_the_method() -> None:
     preset = get_preset("llava-1.5-7b")
-    assert st.titles(preset, "neu-p-taska")[:2] == ("LLaVA-1.5 (original)", "LLaVA-1.5 + Neuron-Fusion")
-    assert st.fused_title(preset, "ties") == "LLaVA-1.5 + ties"
+    assert view.titles(preset, "neu-p-taska")[:2] == ("LLaVA-1.5 (original)", "LLaVA-1.5 + Neuron-Fusion")
+    assert view.fused_title(preset, "ties") == "LLaVA-1.5 + ties"
 
 
 # input checks
 
 
-@pytest.mark.parametrize(("message", "says"), [("", "empty"), ("   \n", "empty"), (None, "empty"), ("x" * (st.MAX_MESSAGE_CHARS + 1), "limit")])
+@pytest.mark.parametrize(("message", "says"), [("", "empty"), ("   \n", "empty"), (None, "empty"), ("x" * (chat.MAX_MESSAGE_CHARS + 1), "limit")])
 def test_bad_messages(message: str | None, says: str) -> None:
-    with pytest.raises(st.StudioError, match=says):
-        st.check_message(message)
+    with pytest.raises(StudioError, match=says):
+        chat.check_message(message)
 
 
 def test_bad_images(tmp_path: Path) -> None:
-    with pytest.raises(st.StudioError, match="upload one"):
-        st.load_image(None)
+    with pytest.raises(StudioError, match="upload one"):
+        chat.load_image(None)
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(st.StudioError, match="not an image"):
-        st.load_image(tmp_path / "notes.png")
+    with pytest.raises(StudioError, match="not an image"):
+        chat.load_image(tmp_path / "notes.png")
     with open(tmp_path / "huge.jpg", "wb") as f:
-        f.truncate(st.MAX_IMAGE_BYTES + 1)
-    with pytest.raises(st.StudioError, match="MB"):
-        st.load_image(tmp_path / "huge.jpg")
+        f.truncate(chat.MAX_IMAGE_BYTES + 1)
+    with pytest.raises(StudioError, match="MB"):
+        chat.load_image(tmp_path / "huge.jpg")
     Image.new("1", (8000, 5000)).save(tmp_path / "wide.png")
-    with pytest.raises(st.StudioError, match="megapixels"):
-        st.load_image(tmp_path / "wide.png")
-    assert st.load_image(ASSETS / "examples" / "cat.jpg").mode == "RGB"
+    with pytest.raises(StudioError, match="megapixels"):
+        chat.load_image(tmp_path / "wide.png")
+    assert chat.load_image(ASSETS / "examples" / "cat.jpg").mode == "RGB"
 
 
 # loading
 
 
-def test_loads_and_shares_the_vision_tower(studio: st.Studio) -> None:
+def test_loads_and_shares_the_vision_tower(studio: state.Studio) -> None:
     assert studio.status.state == "ready" and studio.status.seconds is not None
     pair = studio.ready()
-    assert pair.shared == list(st.SHARED_MODULES)
-    for name in st.SHARED_MODULES:
+    assert pair.shared == list(SHARED_MODULES)
+    for name in SHARED_MODULES:
         assert getattr(pair.fused.model.model, name) is getattr(pair.original.model.model, name)
     assert pair.fusion.report, "Neuron-Fusion reports what it located"
 
 
 def test_unknown_preset_falls_back_to_pocket(tmp_path: Path) -> None:
     with mock.patch.dict(os.environ, {"NEURON_FUSION_CACHE": str(tmp_path)}):
-        s = st.Studio(st.Settings("no-such-preset", device="cpu"), log=lambda line: None)
+        s = state.Studio(Settings("no-such-preset", device="cpu"), log=lambda line: None)
         s.load()
     assert s.status.state == "ready" and s.ready().preset.name == "pocket"
     assert "Preset 'no-such-preset' could not load: unknown preset 'no-such-preset'" in s.status.notice
@@ -98,7 +100,7 @@ def test_4bit_on_a_cpu_quantizes_both_models_and_answers(tmp_path: Path) -> None
     from bitsandbytes.nn import Linear4bit
 
     with mock.patch.dict(os.environ, {"NEURON_FUSION_CACHE": str(tmp_path)}):
-        s = st.Studio(st.Settings("pocket", load_4bit=True, device="cpu"), log=lambda line: None)
+        s = state.Studio(Settings("pocket", load_4bit=True, device="cpu"), log=lambda line: None)
         s.load()
     assert s.status.state == "ready" and s.load_4bit and "full precision" not in s.status.notice
     pair = s.ready()
@@ -107,15 +109,15 @@ def test_4bit_on_a_cpu_quantizes_both_models_and_answers(tmp_path: Path) -> None
         linear = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         assert linear and all(isinstance(m, Linear4bit) for m in linear)
         assert not any(isinstance(m, Linear4bit) for m in model.model.vision_tower.modules())
-    assert pair.shared == list(st.SHARED_MODULES)
+    assert pair.shared == list(SHARED_MODULES)
     assert pair.fused.model.model.vision_tower is pair.original.model.model.vision_tower
     out = s.compare(QUESTION)
     assert out["original"]["answer"] and out["fused"]["answer"]
 
 
 def test_4bit_without_bitsandbytes_says_so(tmp_path: Path) -> None:
-    with mock.patch.object(st, "bitsandbytes_missing", return_value=True):
-        s = st.Studio(st.Settings("pocket", load_4bit=True, device="cpu"), log=lambda line: None)
+    with mock.patch.object(state, "bitsandbytes_missing", return_value=True):
+        s = state.Studio(Settings("pocket", load_4bit=True, device="cpu"), log=lambda line: None)
     assert not s.load_4bit and "pip install bitsandbytes" in s.status.notice
 
 
@@ -123,106 +125,106 @@ def test_load_errors_name_the_real_cause() -> None:
     from fusion.errors import FusionError
 
     missing = FusionError("lmsys/vicuna-7b-v1.5/tokenizer.model: reading this tokenizer needs the Python package(s) sentencepiece")
-    assert st.explain_load_error("llava-1.5-7b", missing).endswith("needs the Python package(s) sentencepiece")
+    assert state.explain_load_error("llava-1.5-7b", missing).endswith("needs the Python package(s) sentencepiece")
     module = ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")
-    assert "pip install sentencepiece" in st.explain_load_error("llava-1.5-7b", module)
+    assert "pip install sentencepiece" in state.explain_load_error("llava-1.5-7b", module)
     for err in (missing, module, OSError("config.json not found")):
-        assert "hub" not in st.explain_load_error("llava-1.5-7b", err)
-    assert "out of memory" in st.explain_load_error("big", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+        assert "hub" not in state.explain_load_error("llava-1.5-7b", err)
+    assert "out of memory" in state.explain_load_error("big", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
 
 
 def test_not_ready_is_explained() -> None:
-    with pytest.raises(st.StudioError, match="still loading"):
-        st.Studio(st.Settings("pocket", device="cpu"), log=lambda line: None).ready()
+    with pytest.raises(StudioError, match="still loading"):
+        state.Studio(Settings("pocket", device="cpu"), log=lambda line: None).ready()
 
 
 # asking
 
 
-def test_compare_labels_are_the_detectors(studio: st.Studio) -> None:
+def test_compare_labels_are_the_detectors(studio: state.Studio) -> None:
     result = studio.compare(QUESTION)
     for key in ("original", "fused"):
         assert result[key]["answer"]
         assert result[key]["labels"] == [m.label for m in detect(result[key]["answer"])]
     image = studio.compare("Is there a red circle in the image?", ASSETS / "examples" / "cat.jpg", image_required=True)
     assert image["fused"]["answer"]
-    with pytest.raises(st.StudioError, match="upload one"):
+    with pytest.raises(StudioError, match="upload one"):
         studio.compare(QUESTION, None, image_required=True)
 
 
-def test_chat_streams_the_greedy_answers(studio: st.Studio) -> None:
+def test_chat_streams_the_greedy_answers(studio: state.Studio) -> None:
     text, stream = studio.chat(f"  {QUESTION} ", [[], [], []], with_base=True)
     assert text == QUESTION
     updates = list(stream)
     assert all(len(u) == 3 for u in updates)
     pair = studio.ready()
-    expected = [m.answer([QUESTION], max_new_tokens=st.answer_budget(m, studio.settings.max_new_tokens))[0] for m in (pair.original, pair.fused, studio.base())]
+    expected = [m.answer([QUESTION], max_new_tokens=chat.answer_budget(m, studio.settings.max_new_tokens))[0] for m in (pair.original, pair.fused, studio.base())]
     assert updates[-1] == expected
 
 
-def test_history_is_trimmed_to_fit(studio: st.Studio) -> None:
+def test_history_is_trimmed_to_fit(studio: state.Studio) -> None:
     model = studio.ready().original
     history = [(f"{QUESTION} {i}", "The opposite of hot is cold.") for i in range(30)]
-    kept = st.fit_history(model, QUESTION, True, history, st.answer_budget(model))
+    kept = chat.fit_history(model, QUESTION, True, history, chat.answer_budget(model))
     assert 0 < len(kept) < len(history) and kept == history[-len(kept) :]
-    assert st.prompt_tokens(model, QUESTION, True, kept) <= st.context_length(model) - st.answer_budget(model)
-    with pytest.raises(st.StudioError, match="tokens long"):
-        st.fit_history(model, " ".join(["word"] * 200), False, [], st.answer_budget(model))
+    assert chat.prompt_tokens(model, QUESTION, True, kept) <= chat.context_length(model) - chat.answer_budget(model)
+    with pytest.raises(StudioError, match="tokens long"):
+        chat.fit_history(model, " ".join(["word"] * 200), False, [], chat.answer_budget(model))
 
 
 def test_merge_streams_interleaves_and_raises() -> None:
-    assert list(st.merge_streams([iter(["a", "ab"]), iter(["x"])]))[-1] == ["ab", "x"]
+    assert list(chat.merge_streams([iter(["a", "ab"]), iter(["x"])]))[-1] == ["ab", "x"]
 
     def broken():
         yield "a"
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        list(st.merge_streams([broken(), iter(["x"])]))
+        list(chat.merge_streams([broken(), iter(["x"])]))
 
 
 def test_badges_show_fixed_labels_only() -> None:
-    assert "nf-clean" in st.badges_html([])
-    html = st.badges_html(["context_hallucination", "<script>"])
+    assert "nf-clean" in view.badges_html([])
+    html = view.badges_html(["context_hallucination", "<script>"])
     assert "nf-context_hallucination" in html and "<script>" not in html
 
 
 # fusion and behaviour tabs
 
 
-def test_refuse_swaps_the_fused_model(studio: st.Studio) -> None:
+def test_refuse_swaps_the_fused_model(studio: state.Studio) -> None:
     seen: list[Progress] = []
     before = studio.ready()
     pair = studio.refuse("ties", {"density": 0.5}, seen.append)
     assert pair.method == "ties" and pair.fused is not before.fused and pair.fusion.report == []
     assert pair.fusion.recipe["params"]["density"] == 0.5 and seen[-1].stage == "done"
     assert pair.fused.name == "Pocket-LLaVA + ties"
-    with pytest.raises(st.StudioError, match="density"):
+    with pytest.raises(StudioError, match="density"):
         studio.refuse("ties", {"density": 7})
     studio.refuse(before.method, dict(before.preset.params))  # back to the preset's recipe (cached)
     assert studio.ready().fusion.reused
 
 
 def test_controls_cover_every_method() -> None:
-    names = {p.name for p in st.all_params()}
+    names = {p.name for p in view.all_params()}
     for method in METHOD_NAMES:
         assert {p.name for p in schema(method)} <= names
-    assert set(st.method_params("neu-p-bread")) >= {"top_ratio", "gamma"}
-    assert "gamma" not in st.method_params("neu-p-bread", "task_arithmetic")
+    assert set(view.method_params("neu-p-bread")) >= {"top_ratio", "gamma"}
+    assert "gamma" not in view.method_params("neu-p-bread", "task_arithmetic")
 
 
-def test_plots(studio: st.Studio) -> None:
+def test_plots(studio: state.Studio) -> None:
     report = studio.ready().fusion.report
     curve = plots.curve_figure(report)
     assert curve.axes[0].get_xscale() == "log" and curve.axes[0].get_yscale() == "log"
     bars = plots.located_figure(report)
     assert sum(patch.get_height() for patch in bars.axes[0].patches) == sum(r["located"] for r in report)
     assert plots.curve_figure([]).axes[0].texts
-    card = st.recipe_card(studio.ready())
+    card = view.recipe_card(studio.ready())
     assert card["preset"] == "pocket" and card["neurons_located"]
 
 
-def test_bench(studio: st.Studio) -> None:
+def test_bench(studio: state.Studio) -> None:
     rows, table, chart = studio.bench(2)
     assert [r["model"] for r in rows] == ["tuned", "fused"]
     assert "fused" in table and chart.stat().st_size > 0
@@ -230,12 +232,12 @@ def test_bench(studio: st.Studio) -> None:
 
 def test_examples() -> None:
     for name in ("pocket", "llava-1.5-7b"):
-        prompts, images = st.example_prompts(get_preset(name)), st.example_images(get_preset(name))
+        prompts, images = view.example_prompts(get_preset(name)), view.example_images(get_preset(name))
         assert prompts and images
         assert all(Path(path).is_file() and question for path, question in images)
-    assert st.example_images(get_preset("llava-1.5-7b"))[0][1].startswith("Is there a")
+    assert view.example_images(get_preset("llava-1.5-7b"))[0][1].startswith("Is there a")
 
 
 def test_progress_line() -> None:
-    line = st.format_progress(Progress("merging", 25, 100, "x", 3, 10.0))
+    line = view.format_progress(Progress("merging", 25, 100, "x", 3, 10.0))
     assert line == "merging · layer 3 · 25% · 0:10 elapsed · ~0:30 left"

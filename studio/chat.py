@@ -1,0 +1,109 @@
+"""What a visitor sends, checked on the server, and how answers stream back.
+
+Every UI event is an API: anyone can call a handler with any values. So a message, an image
+and a prompt's length are checked here before any model sees them, and every check fails with a
+``StudioError`` whose message can be shown as it is.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from fusion.inference import ChatModel
+
+from . import StudioError
+from .settings import DEFAULT_MAX_NEW_TOKENS
+
+MAX_MESSAGE_CHARS = 2000
+MAX_IMAGE_BYTES = 10 << 20
+MAX_IMAGE_PIXELS = 36_000_000
+
+
+def check_message(message: str | None) -> str:
+    text = (message or "").strip()
+    if not text:
+        raise StudioError("The message is empty: type a question first.")
+    if len(text) > MAX_MESSAGE_CHARS:
+        raise StudioError(f"The message is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}. Shorten it.")
+    return text
+
+
+def load_image(path: str | Path | None) -> Image.Image:
+    """An upload as an RGB image, or a StudioError saying why it cannot be one."""
+    if not path:
+        raise StudioError("This tab asks about an image: upload one (or pick an example) first. Text-only questions go to the Text chat tab.")
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_IMAGE_BYTES:
+        raise StudioError(f"The upload is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES >> 20} MB are accepted.")
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise StudioError(f"The image is {image.width}×{image.height} pixels; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
+            return image.convert("RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
+        raise StudioError(f"The upload '{path.name}' is not an image this app can read ({type(err).__name__}).") from None
+
+
+def context_length(model: ChatModel) -> int:
+    return int(model.model.config.get_text_config().max_position_embeddings)
+
+
+def answer_budget(model: ChatModel, limit: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    """New tokens per answer: a quarter of the context, at most ``limit`` (the app's setting)."""
+    return min(limit, context_length(model) // 4)
+
+
+def prompt_tokens(model: ChatModel, question: str, image: bool, history: Sequence[tuple[str, str]]) -> int:
+    """Tokens the prompt will take, the image's placeholder expanded to its patch tokens."""
+    n = len(model.tokenizer(model.prompt(question, image, history), add_special_tokens=False).input_ids)
+    return n + (int(getattr(model.model.config, "image_seq_length", 1)) - 1 if image else 0)
+
+
+def fit_history(model: ChatModel, question: str, image: bool, history: Sequence[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
+    """The most recent turns that fit the context with room for a ``budget``-token answer; a
+    question that does not fit alone raises StudioError."""
+    room = context_length(model) - budget
+    turns = list(history)
+    while prompt_tokens(model, question, image, turns) > room:
+        if not turns:
+            n = prompt_tokens(model, question, image, [])
+            raise StudioError(f"The prompt is {n} tokens long; {model.name} reads at most {room} (plus {budget} for its answer). Shorten the message.")
+        turns.pop(0)
+    return turns
+
+
+def merge_streams(streams: Sequence[Iterator[str]]) -> Iterator[list[str]]:
+    """Drive several answer streams at once (each in its own thread); yield every stream's
+    latest text whenever any of them moved. An error in one is raised here."""
+    latest = [""] * len(streams)
+    updates: queue.Queue[tuple[int, str | None, BaseException | None]] = queue.Queue()
+
+    def pump(i: int, stream: Iterator[str]) -> None:
+        try:
+            for text in stream:
+                updates.put((i, text, None))
+            updates.put((i, None, None))
+        except BaseException as err:  # handed to the consumer
+            updates.put((i, None, err))
+
+    for i, stream in enumerate(streams):
+        threading.Thread(target=pump, args=(i, stream), daemon=True).start()
+    running = len(streams)
+    while running:
+        batch = [updates.get()]
+        while not updates.empty():
+            batch.append(updates.get_nowait())
+        for i, text, err in batch:
+            if err is not None:
+                raise err
+            if text is None:
+                running -= 1
+            else:
+                latest[i] = text
+        yield list(latest)

@@ -1,0 +1,148 @@
+"""What the page shows, as plain data: column titles, behaviour badges, progress lines, the
+method controls' parameters, the examples, the recipe card. No Gradio here: ``app.py`` turns
+these into components."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fusion.detectors import detect, highlight
+from fusion.evaluate import preset_probes, probe_image
+from fusion.merge import Progress
+from fusion.presets import Preset
+from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
+
+if TYPE_CHECKING:
+    from .state import Pair
+
+BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known"}
+
+
+def fused_title(preset: Preset, method: str) -> str:
+    kind = "Neuron-Fusion" if resolve(method).spec.locates_neurons else method
+    return f"{preset.label} + {kind}"
+
+
+def titles(preset: Preset, method: str) -> tuple[str, str, str]:
+    """Column headings: original MLLM, fused MLLM, base LLM."""
+    return f"{preset.label} (original)", fused_title(preset, method), f"{preset.base_label} (base LLM)"
+
+
+def behaviour(answer: str, *, prompt_has_image: bool) -> dict[str, Any]:
+    """An answer with its detector labels, JSON-able (the API's per-model record).
+    Context-Hallucination is only looked for when the prompt had no image."""
+    matches = detect(answer, prompt_has_image=prompt_has_image)
+    return {"answer": answer, "labels": [m.label for m in matches], "matches": [vars(m) for m in matches]}
+
+
+def highlighted(answer: str, *, prompt_has_image: bool) -> list[tuple[str, str | None]]:
+    return highlight(answer, detect(answer, prompt_has_image=prompt_has_image))
+
+
+def badges_html(labels: Sequence[str]) -> str:
+    """Badges for a highlighted answer. Only fixed label names go into this HTML, never model
+    output (that is shown as text)."""
+    known = [label for label in labels if label in BADGE_TEXT]
+    if not known:
+        return '<span class="nf-badge nf-clean">no flagged behaviour</span>'
+    return " ".join(f'<span class="nf-badge nf-{label}">{BADGE_TEXT[label]}</span>' for label in known)
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+
+def format_progress(p: Progress) -> str:
+    """One line: stage, layer, percentage, elapsed and time left."""
+    parts = [p.stage]
+    if p.layer is not None:
+        parts.append(f"layer {p.layer}")
+    parts.append(f"{100 * p.fraction:.0f}%")
+    parts.append(f"{_clock(p.elapsed)} elapsed")
+    if p.eta is not None and p.stage == "merging":
+        parts.append(f"~{_clock(p.eta)} left")
+    return " · ".join(parts)
+
+
+class ConsoleProgress:
+    """Prints fusion progress to the console at most every ``every`` seconds (and at each new
+    stage), so a long merge shows it is alive without flooding the log."""
+
+    def __init__(self, log: Callable[[str], None], every: float = 2.0) -> None:
+        self.log, self.every, self.last, self.stage = log, every, 0.0, ""
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        if p.stage != self.stage or now - self.last >= self.every:
+            self.log(f"[fusion] {format_progress(p)}")
+            self.last, self.stage = now, p.stage
+
+
+def all_params() -> list[Param]:
+    """Every parameter any method (with any inner method) takes, once by name: the app builds
+    one control each and shows those the chosen method takes."""
+    seen: dict[str, Param] = {}
+    for method in METHOD_NAMES:
+        for inner in BASELINES:
+            for p in method_params(method, inner).values():
+                seen.setdefault(p.name, p)
+    return list(seen.values())
+
+
+def method_params(method: str, inner: str | None = None) -> dict[str, Param]:
+    """The chosen method's parameters by name (Neuron-Fusion's depend on its inner method)."""
+    return {p.name: p for p in schema(method, inner if resolve(method).spec.locates_neurons else None)}
+
+
+def example_prompts(preset: Preset, n: int = 6) -> list[str]:
+    """Text-only questions from the preset's probe set, one per skill: the ones a tuned MLLM
+    tends to answer with "In the image ..." or "I don't know"."""
+    text, _, _ = preset_probes(preset)
+    by_skill: dict[str, str] = {}
+    for p in text:
+        by_skill.setdefault(p.skill, p.question)
+    return list(by_skill.values())[:n]
+
+
+def example_images(preset: Preset, n: int = 4) -> list[tuple[str, str]]:
+    """(image file, question) pairs from the preset's probe set, questions about absent objects
+    (answer "no": where MLLMs hallucinate) first, one per image. Drawn scenes are saved as PNG."""
+    _, visual, root = preset_probes(preset)
+    ordered = sorted(visual, key=lambda p: p.answers != ("no",))
+    out: dict[str, tuple[str, str]] = {}
+    drawn = Path(tempfile.gettempdir()) / "neuron-fusion-examples" / preset.name
+    for p in ordered:
+        key = str(p.image)
+        if key in out:
+            continue
+        if isinstance(p.image, str):
+            path = (root / p.image).resolve()
+        else:
+            drawn.mkdir(parents=True, exist_ok=True)
+            path = drawn / f"scene-{len(out)}.png"
+            probe_image(p, root).save(path)
+        out[key] = (str(path), p.question)
+        if len(out) == n:
+            break
+    return list(out.values())
+
+
+def recipe_card(pair: Pair) -> dict[str, Any]:
+    """What the Fusion tab shows about the fused model in use."""
+    result = pair.fusion
+    located = sum(r["located"] for r in result.report)
+    total = sum(r["neurons"] for r in result.report)
+    return {
+        "preset": pair.preset.name,
+        "method": pair.method,
+        "recipe": {k: result.recipe.get(k) for k in ("method", "params", "seed")},
+        "neurons_located": f"{located} of {total}" if total else None,
+        "from_cache": result.reused,
+        "seconds": round(result.seconds, 2),
+        "path": str(result.path),
+        "shared_with_original": pair.shared,
+    }
