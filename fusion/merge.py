@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,44 @@ def _merge_tensor(p: Planned, sources: Sources, recipe: Recipe, locator: Locator
     return merged
 
 
+class MergeStream:
+    """One merge as a stream of output tensors, computed one at a time in output order.
+
+    ``fuse`` writes the stream to a checkpoint; the app loads it straight into an in-memory
+    copy of the original model, so a visitor's variant needs no disk. Opening checks the inputs
+    (architecture, shapes, recipe) before any tensor is computed.
+    """
+
+    def __init__(self, tuned_ref: str, base_ref: str, recipe: Recipe, *, device: str = "auto", allow_pickle: bool = True) -> None:
+        self.recipe = recipe
+        self.device = resolve_device(device)
+        self.tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
+        self.base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
+        self.plan = plan_merge(self.tuned, self.base)
+        self.sources = Sources(self.plan, self.tuned, self.base)
+        self.locator = Locator(self.plan, self.sources, recipe.params) if recipe.spec.locates_neurons else None
+        self.record = recipe_record(recipe, self.tuned, self.base)
+        self.key = cache_key(self.record, self.tuned, self.base)
+        self.layout = detect_layout(self.tuned.keys())
+
+    @property
+    def report(self) -> list[dict[str, Any]]:
+        """What Neuron-Locate found, per layer and kind (complete once the stream is consumed)."""
+        return self.locator.report if self.locator else []
+
+    def tensors(self, progress: ProgressFn | None = None, *, merged_only: bool = False, started: float | None = None) -> Iterator[tuple[Planned, torch.Tensor]]:
+        """(planned output, tensor) in output order; ``merged_only`` skips the tensors copied
+        unchanged from the tuned model (vision tower, projector)."""
+        start = time.perf_counter() if started is None else started
+        plan = [p for p in self.plan if p.base_name or not merged_only]
+        total, done = sum(p.nbytes for p in plan), 0
+        for p in plan:
+            if progress:
+                progress(Progress("merging", done, total, p.name, layer_of(p.base_name or ""), time.perf_counter() - start))
+            yield p, _merge_tensor(p, self.sources, self.recipe, self.locator, self.device)
+            done += p.nbytes
+
+
 def _prepare_out(out: Path, key: str) -> bool:
     """True if ``out`` already holds this exact merge; FusionError if it holds anything else."""
     if not out.exists():
@@ -285,14 +323,8 @@ def fuse(
     """
     start = time.perf_counter()
     recipe = as_recipe(method, params, seed)  # a method name and raw values are resolved here, once
-    dev = resolve_device(device)
-    tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
-    base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
-    plan = plan_merge(tuned, base)
-    sources = Sources(plan, tuned, base)
-    locator = Locator(plan, sources, recipe.params) if recipe.spec.locates_neurons else None
-    record = recipe_record(recipe, tuned, base)
-    key = cache_key(record, tuned, base)
+    stream = MergeStream(tuned_ref, base_ref, recipe, device=device, allow_pickle=allow_pickle)
+    plan, tuned, record, key = stream.plan, stream.tuned, stream.record, stream.key
     if out is None:
         root = Path(cache_dir or os.environ.get("NEURON_FUSION_CACHE") or Path.home() / ".cache" / "neuron-fusion")
         out = root / key[:24]
@@ -309,19 +341,16 @@ def fuse(
     entries = [Entry(p.name, p.shape, p.dtype) for p in plan]
     metadata = {"format": "pt", "fusion_recipe": json.dumps(record, sort_keys=True)}
     writer = ShardedWriter(staging, plan_shards(entries, shard_bytes), metadata)
-    total, done = sum(p.nbytes for p in plan), 0
+    total = sum(p.nbytes for p in plan)
     try:
-        for p in plan:
-            if progress:
-                progress(Progress("merging", done, total, p.name, layer_of(p.base_name or ""), time.perf_counter() - start))
-            writer.write(p.name, _merge_tensor(p, sources, recipe, locator, dev))
-            done += p.nbytes
+        for p, tensor in stream.tensors(progress, started=start):
+            writer.write(p.name, tensor)
         if progress:
-            progress(Progress("writing", done, total, elapsed=time.perf_counter() - start))
+            progress(Progress("writing", total, total, elapsed=time.perf_counter() - start))
         writer.close()
         for sidecar in tuned.sidecar_files():
             shutil.copyfile(sidecar, staging / sidecar.name)
-        report = locator.report if locator else []
+        report = stream.report
         (staging / RECIPE_FILE).write_text(json.dumps({**record, "key": key}, indent=2) + "\n")
         if report:
             (staging / REPORT_FILE).write_text(json.dumps({"recipe": record, "kinds": report}) + "\n")
