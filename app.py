@@ -26,10 +26,11 @@ from fusion.errors import FusionError  # noqa: E402
 from fusion.evaluate import preset_probes  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
 from fusion.presets import ASSETS, PRESETS, Preset, get_preset  # noqa: E402
-from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
+from fusion.registry import BASELINES, METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
+from studio.variants import Variant  # noqa: E402
 from studio.view import (  # noqa: E402
     all_params,
     badges_html,
@@ -87,6 +88,18 @@ def user_errors(fn: Callable) -> Callable:
     return plain
 
 
+def checked_histories(histories: Any, columns: int) -> list[list[tuple[str, str]]]:
+    """A chat history as a client sent it (the session state, but callable by anyone), reduced
+    to what it may be: one list per column of (question, answer) string pairs."""
+    if not isinstance(histories, list):
+        return [[] for _ in range(columns)]
+    out = []
+    for turns in [*histories, *[[]] * columns][:columns]:
+        pairs = turns if isinstance(turns, list) else []
+        out.append([(q, a) for q, a in (t for t in pairs if isinstance(t, (list, tuple)) and len(t) == 2) if isinstance(q, str) and isinstance(a, str)])
+    return out
+
+
 def as_messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
     """Chat turns for gr.Chatbot. It renders HTML, so text is escaped: model output is shown
     as text."""
@@ -97,7 +110,8 @@ class ChatTab:
     """One chat tab: a column per model (chat, behaviour badges, the latest answer with the
     matched words highlighted), a message box, per-session histories."""
 
-    def __init__(self, studio: Studio, names: tuple[str, ...], image: gr.Image | None, with_base: gr.Checkbox | None) -> None:
+    def __init__(self, studio: Studio, names: tuple[str, ...], image: gr.Image | None, with_base: gr.Checkbox | None, variant: gr.State) -> None:
+        """``variant``: this browser session's fused variant (its key; None: the default)."""
         self.studio, self.image, self.with_base = studio, image, with_base
         self.chats, self.badges, self.marked, self.columns = [], [], [], []
         with gr.Row(equal_height=False):
@@ -113,7 +127,7 @@ class ChatTab:
             self.send = gr.Button("Send", variant="primary", scale=1, elem_classes=["nf-send"])
             self.clear = gr.Button("Clear", scale=1)
         self.outputs = [*self.chats, *self.badges, *self.marked, self.history, self.message]
-        inputs = [self.message, self.history] + ([self.image] if image else []) + ([self.with_base] if with_base else [])
+        inputs = [self.message, self.history, variant] + ([self.image] if image else []) + ([self.with_base] if with_base else [])
         for trigger in (self.send.click, self.message.submit):
             trigger(self.respond, inputs, self.outputs, concurrency_id="models", api_visibility="private")
         self.clear.click(self.reset, None, self.outputs, queue=False, api_visibility="private")
@@ -139,10 +153,11 @@ class ChatTab:
 
     @gpu
     @user_errors
-    def respond(self, message: str, histories: list[list[tuple[str, str]]], *extra: Any) -> Any:
+    def respond(self, message: str, histories: list[list[tuple[str, str]]], variant: str | None, *extra: Any) -> Any:
         image = extra[0] if self.image is not None else None
         with_base = bool(extra[-1]) if self.with_base is not None else False
-        text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base)
+        histories = checked_histories(histories, len(self.chats))
+        text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base, variant=variant)
         n = 3 if with_base else 2
         answers: list[str] = [""] * n
         for answers in stream:
@@ -174,16 +189,17 @@ def build(studio: Studio) -> gr.Blocks:
         gr.Markdown("# Neuron-Fusion Studio\nLLaVA-1.5 forgets some of its base LLM's language skills; Neuron-Fusion (Locate-then-Merge) gives them back without training. Ask both and compare.")
         status = gr.Markdown(elem_id="nf-status")
         timer = gr.Timer(1.0)
+        visitor = gr.State(None)  # this session's fused variant: the key of its recipe (None: the default)
 
         with gr.Tab("Image chat"):
             with gr.Row():
                 image = gr.Image(type="filepath", image_mode=None, label="Image", height=260, sources=["upload", "clipboard"])
-            image_tab = ChatTab(studio, names[:2], image, None)
+            image_tab = ChatTab(studio, names[:2], image, None, visitor)
             gr.Examples([list(e) for e in example_images(preset)], [image, image_tab.message], elem_id="nf-image-examples", label="Examples: questions about objects that are not there")
 
         with gr.Tab("Text chat"):
             with_base = gr.Checkbox(label=f"Also ask the base LLM ({preset.base_label})", value=False)
-            text_tab = ChatTab(studio, names, None, with_base)
+            text_tab = ChatTab(studio, names, None, with_base, visitor)
             with_base.change(lambda on: gr.Column(visible=on), with_base, text_tab.columns[2], queue=False, api_visibility="private")
             gr.Examples([[q] for q in example_prompts(preset)], [text_tab.message], label="Examples: text-only questions (tuned MLLMs answer 'In the image…' or decline)")
 
@@ -223,16 +239,17 @@ def build(studio: Studio) -> gr.Blocks:
         view_outputs = [status, *labelled, timer]
         timer.tick(refresh, None, view_outputs, queue=False, api_visibility="private", show_progress="hidden")
 
-        def pair_view() -> list[Any]:
-            if studio.pair is None:
-                return [None, None, None, gr.update()]
-            pair = studio.pair
-            return [recipe_card(pair), curve_figure(pair.fusion.report), located_figure(pair.fusion.report), gr.Dropdown(value=pair.method)]
+        def variant_view(variant: Variant | None) -> list[Any]:
+            """Recipe card, change-score curves and located neurons of a fused variant."""
+            if studio.pair is None or variant is None:
+                return [None, None, None]
+            return [recipe_card(studio.pair, variant), curve_figure(variant.report), located_figure(variant.report)]
 
         def loaded() -> list[Any]:
             if studio.pair is None:
-                return [*refresh(), *pair_view(), *show_method(method)]
-            return [*refresh(), *pair_view(), *show_method(studio.pair.method, studio.pair.fusion.recipe["params"])]
+                return [*refresh(), *variant_view(None), gr.update(), *show_method(method)]
+            default = studio.pair.default
+            return [*refresh(), *variant_view(default), gr.Dropdown(value=default.name), *show_method(default.name, default.record["params"])]
 
         def show_method(name: str, values: dict[str, Any] | None = None) -> list[Any]:
             """The chosen method's controls, at ``values`` (the fused recipe's) or the defaults."""
@@ -252,13 +269,26 @@ def build(studio: Studio) -> gr.Blocks:
         @gpu
         @user_errors
         def refuse(name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
+            """This visitor's own fused variant; everyone else keeps theirs (values are checked by
+            the library: a name from the list, finite numbers in range, choices from their lists)."""
+            if name not in METHOD_NAMES:
+                raise StudioError(f"Unknown method; choose one of {', '.join(METHOD_NAMES)}.")
             by_name = dict(zip((p.name for p in params), values))
-            wanted = method_params(name, by_name.get("inner"))
-            pair = studio.refuse(name, {k: by_name[k] for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)))
-            note = f"Fused with **{name}** in {pair.fusion.seconds:.1f} s{' (from cache)' if pair.fusion.reused else ''}; the fused columns now use it."
-            return [*pair_view()[:3], note, *(gr.Chatbot(label=titles(pair.preset, name)[1]) for _ in fused_chats)]
+            inner = by_name.get("inner") if by_name.get("inner") in BASELINES else None
+            wanted = method_params(name, inner)
+            variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)))
+            default = variant is studio.ready().default
+            note = "This is the default fused model." if default else f"Fused with **{name}** in memory in {variant.seconds:.1f} s; your fused columns now use it."
+            return [*variant_view(variant), note, *(gr.Chatbot(label=titles(studio.ready().preset, name)[1]) for _ in fused_chats), None if default else variant.key]
 
-        fuse_button.click(refuse, [chosen, *controls], [card, curve, located, fuse_note, *fused_chats], concurrency_limit=1, concurrency_id="fuse", api_visibility="private")
+        fuse_button.click(
+            refuse,
+            [chosen, *controls],
+            [card, curve, located, fuse_note, *fused_chats, visitor],
+            concurrency_limit=1,
+            concurrency_id="fuse",
+            api_visibility="private",
+        )
 
         @gpu
         @user_errors

@@ -43,6 +43,13 @@ class Layout:
                 return base_prefix + key[len(tuned_prefix) :]
         return None
 
+    def tuned_key(self, base_key: str) -> str:
+        """This layout's name for a base-LLM tensor name (``base_key``'s inverse)."""
+        for tuned_prefix, base_prefix in self.prefixes:
+            if base_key.startswith(base_prefix):
+                return tuned_prefix + base_key[len(base_prefix) :]
+        raise KeyError(base_key)
+
 
 # Checked in order: the first whose marker starts some key is the layout.
 LAYOUTS: tuple[Layout, ...] = (
@@ -63,6 +70,9 @@ LAYOUTS: tuple[Layout, ...] = (
     # a plain LLM fine-tuned from the base: every tensor maps to itself
     Layout("llm", "", (("", ""),)),
 )
+
+# How transformers names a loaded LLaVA's parameters, whatever layout its checkpoint has.
+LLAVA_IN_MEMORY = "llava-nested"
 
 # Attribute names (on ``LlavaForConditionalGeneration.model``) of the modules the merge copies
 # unchanged: the app lets the fused model borrow the original's, and 4-bit loading leaves them

@@ -7,11 +7,14 @@ and a prompt's length are checked here before any model sees them, and every che
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from fusion.inference import ChatModel
@@ -107,3 +110,34 @@ def merge_streams(streams: Sequence[Iterator[str]]) -> Iterator[list[str]]:
             else:
                 latest[i] = text
         yield list(latest)
+
+
+T = TypeVar("T")
+log = logging.getLogger("studio")
+MODEL_FAILED = "The model could not answer this input. Try a shorter message or another image; the server log has the details."
+
+
+def _model_error(err: BaseException) -> StudioError:
+    """The project's own words for a failure inside a model call (transformers' messages name
+    internals, e.g. image-token counts, that mean nothing to a visitor); the original goes to
+    the server log."""
+    log.error("model call failed: %s: %s", type(err).__name__, err)
+    if isinstance(err, torch.OutOfMemoryError):
+        return StudioError("The server ran out of memory answering this. Try a shorter message or a smaller image.")
+    return StudioError(MODEL_FAILED)
+
+
+def ask(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, a model call, with its failures in the project's words."""
+    try:
+        return call(*args, **kwargs)
+    except (ValueError, RuntimeError, IndexError, TypeError) as err:
+        raise _model_error(err) from None
+
+
+def ask_stream(answers: Iterator[T]) -> Iterator[T]:
+    """``answers`` as they come, with a failure in a model's stream in the project's words."""
+    try:
+        yield from answers
+    except (ValueError, RuntimeError, IndexError, TypeError) as err:
+        raise _model_error(err) from None

@@ -35,6 +35,7 @@ class Settings:
     concurrency: int = 2
     queue_size: int = 32
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_variants: int = 4
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ, cuda: bool | None = None) -> Settings:
@@ -52,5 +53,20 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         default=int(env.get("NF_MAX_NEW_TOKENS") or DEFAULT_MAX_NEW_TOKENS),
         help="longest answer in tokens, per model and message (env NF_MAX_NEW_TOKENS)",
     )
+    parser.add_argument(
+        "--max-variants",
+        type=int,
+        default=int(env.get("NF_MAX_VARIANTS") or 4),
+        help="visitors' fused variants kept in memory at most, besides the default (env NF_MAX_VARIANTS); 0: no Fuse",
+    )
     args = parser.parse_args(argv)
-    return Settings(args.preset, args.method, args.load_4bit, args.device, max(1, args.concurrency), max(1, args.queue_size), max(1, args.max_new_tokens))
+    return Settings(
+        args.preset,
+        args.method,
+        args.load_4bit,
+        args.device,
+        max(1, args.concurrency),
+        max(1, args.queue_size),
+        max(1, args.max_new_tokens),
+        max(0, args.max_variants),
+    )

@@ -8,7 +8,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,42 +18,36 @@ from fusion.architectures import SHARED_MODULES
 from fusion.errors import FusionError
 from fusion.evaluate import bar_chart, markdown_table, preset_probes, score
 from fusion.inference import ChatModel
-from fusion.merge import FuseResult, Progress, fuse, resolve_device
+from fusion.merge import MergeStream, Progress, resolve_device
 from fusion.presets import Preset, get_preset
-from fusion.registry import resolve
+from fusion.registry import METHOD_NAMES, Recipe, resolve
 
 from . import StudioError
-from .chat import answer_budget, check_message, fit_history, load_image, merge_streams
+from .chat import answer_budget, ask, ask_stream, check_message, fit_history, load_image, merge_streams
 from .settings import FALLBACK_PRESET, Settings
+from .variants import Variant, VariantStore, build_variant
 from .view import ConsoleProgress, behaviour, format_progress, fused_title, titles
-
-
-def share_vision(original: torch.nn.Module, fused: torch.nn.Module) -> list[str]:
-    """Point the fused model's vision tower and projector at the original's (the merge copies
-    them unchanged), so one copy sits in memory. Only modules whose weights are equal are
-    shared; returns the names shared."""
-    shared = []
-    for name in SHARED_MODULES:
-        mine, theirs = getattr(original.model, name, None), getattr(fused.model, name, None)
-        if mine is None or theirs is None:
-            continue
-        a, b = mine.state_dict(), theirs.state_dict()
-        if a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].device)) for k in a):
-            setattr(fused.model, name, mine)
-            shared.append(name)
-    return shared
 
 
 @dataclass
 class Pair:
-    """The loaded models of one preset: the original MLLM and its fused version."""
+    """The loaded models of one preset: the original MLLM and the preset's fused variant,
+    fixed for the life of the process (visitors' own variants live in the store)."""
 
     preset: Preset
     method: str
     original: ChatModel
-    fused: ChatModel
-    fusion: FuseResult
-    shared: list[str] = field(default_factory=list)
+    default: Variant
+
+    @property
+    def fused(self) -> ChatModel:
+        return self.default.model
+
+    @property
+    def shared(self) -> list[str]:
+        """The modules the fused model borrows from the original (one copy in memory)."""
+        mine, theirs = self.original.model.model, self.fused.model.model
+        return [name for name in SHARED_MODULES if getattr(theirs, name, None) is not None and getattr(theirs, name) is getattr(mine, name, None)]
 
 
 @dataclass
@@ -88,8 +82,17 @@ def bitsandbytes_missing() -> bool:
     return importlib.util.find_spec("bitsandbytes") is None
 
 
+def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
+    """Bytes visitors' variants may take: a share of the memory free now on ``device``."""
+    if device.type == "cuda":
+        return int(fraction * torch.cuda.mem_get_info(device)[0])
+    available = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:")), 0)
+    return int(fraction * available)
+
+
 class Studio:
-    """The app's state: settings, load status, the loaded pair, a lazily loaded base LLM."""
+    """The app's state: settings, load status, the loaded pair, visitors' fused variants, a
+    lazily loaded base LLM."""
 
     def __init__(self, settings: Settings, log: Callable[[str], None] = print, started: float | None = None) -> None:
         """``started``: a ``time.perf_counter()`` reading to time readiness from (default: now)."""
@@ -98,6 +101,7 @@ class Studio:
         self.started = time.perf_counter() if started is None else started
         self.status = Status()
         self.pair: Pair | None = None
+        self.store = VariantStore(settings.max_variants, 0)  # sized once the models are loaded
         self._base: ChatModel | None = None
         self._lock = threading.Lock()
         self.device = resolve_device(settings.device)
@@ -126,10 +130,12 @@ class Studio:
                 self.log(message)
                 self.status.notice = " ".join(filter(None, [self.status.notice, message]))
                 continue
+            self.store.max_bytes = memory_budget(self.device)
             self.status.seconds = time.perf_counter() - self.started
             how = f"{method}, 4-bit nf4" if self.load_4bit else method
             self.status.state, self.status.message = "ready", f"ready: {name} ({how}) in {self.status.seconds:.1f} s"
             self.log(self.status.message)
+            self.log(f"[studio] visitors' variants: at most {self.store.max_count}, {self.store.max_bytes / 2**30:.1f} GiB")
             return
         self.status.state, self.status.message = "failed", "no preset could load; see the notice"
 
@@ -147,25 +153,20 @@ class Studio:
         return ChatModel.load(path, multimodal, device=str(self.device), dtype=dtype, load_4bit=self.load_4bit, name=name)
 
     def _load_pair(self, preset: Preset, method: str) -> Pair:
-        params = preset.params if method == preset.method else {}
+        recipe = resolve(method, preset.params if method == preset.method else {})
         title_original = titles(preset, method)[0]
-        self.status.message = f"fusing {preset.name} with {method}"
-        self.log(f"[studio] {self.status.message} ({preset.tuned} toward {preset.base})")
         self.status.message = f"loading {title_original}"
+        self.log(f"[studio] loading {preset.tuned}, then fusing it toward {preset.base} with {method}")
         original = self._load_model(preset.tuned, True, title_original)
-        return self._fuse_into(preset, original, method, params, self._progress(f"fusing {preset.name}"))
+        default = self._build(preset, original, method, recipe, self._progress(f"fusing {preset.name}"))
+        return Pair(preset, method, original, default)
 
-    def _fuse_into(self, preset: Preset, original: ChatModel, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None]) -> Pair:
-        """Fuse ``preset`` with ``method`` and load the result next to ``original``, sharing
-        its vision tower and projector: the load at start and every re-fuse."""
-        result = fuse(preset.tuned, preset.base, method, dict(params), device=str(self.device), progress=progress)
-        self.log(f"[studio] fused with {method} at {result.path} ({'reused from cache' if result.reused else f'{result.seconds:.1f} s'})")
-        title = fused_title(preset, method)
-        self.status.message = f"loading {title}"
-        fused = self._load_model(result.path, True, title)
-        shared = share_vision(original.model, fused.model)
-        self.log(f"[studio] fused model shares the original's {', '.join(shared) or 'nothing'}")
-        return Pair(preset, method, original, fused, result, shared)
+    def _build(self, preset: Preset, original: ChatModel, method: str, recipe: Recipe, progress: Callable[[Progress], None]) -> Variant:
+        """A fused variant of ``original`` in memory (it shares the vision tower and projector)."""
+        stream = MergeStream(preset.tuned, preset.base, recipe, device=str(self.device))
+        variant = build_variant(original, stream, fused_title(preset, method), method, progress)
+        self.log(f"[studio] fused with {method} in memory in {variant.seconds:.1f} s ({variant.nbytes / 2**20:.0f} MiB)")
+        return variant
 
     def ready(self) -> Pair:
         if self.pair is None:
@@ -177,38 +178,64 @@ class Studio:
         """The base LLM, loaded on first use (the text tab's optional third column)."""
         pair = self.ready()
         with self._lock:
-            if self._base is None or self._base.name != titles(pair.preset, pair.method)[2]:
+            if self._base is None:
                 try:
                     self._base = self._load_model(pair.preset.base, False, titles(pair.preset, pair.method)[2])
                 except Exception as err:  # shown in the chat as a message, not a traceback
                     raise StudioError(f"The base LLM {pair.preset.base_label} could not load. {explain_load_error(pair.preset.name, err)}") from None
             return self._base
 
-    # fusion
+    # visitors' variants
 
-    def refuse(self, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None] | None = None) -> Pair:
-        """Fuse again with another method or parameters and swap the fused model in (answers
-        being generated keep the model they started with)."""
+    def fuse_variant(self, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None] | None = None) -> Variant:
+        """The fused variant for ``method`` and ``params`` (raw values from a client, checked
+        here): the default, one already in the store, or a new one built in memory. Nobody
+        else's variant changes."""
         pair = self.ready()
+        if method not in METHOD_NAMES:
+            raise StudioError(f"Unknown method {str(method)[:40]!r}; choose one of {', '.join(METHOD_NAMES)}.")
         try:
-            resolve(method, params)
+            recipe = resolve(method, dict(params))
+            stream = MergeStream(pair.preset.tuned, pair.preset.base, recipe, device=str(self.device))
         except FusionError as err:
             raise StudioError(str(err)) from None
-        console = self._progress("re-fusing")
+        if stream.key == pair.default.key:
+            return pair.default
+        with self.store.building:  # one build at a time, whoever asks
+            if (known := self.store.get(stream.key)) is not None:
+                return known
+            self.store.make_room(pair.default.nbytes)
+            console = self._progress("fusing a variant")
 
-        def report(p: Progress) -> None:
-            console(p)
-            if progress:
-                progress(p)
+            def report(p: Progress) -> None:
+                console(p)
+                if progress:
+                    progress(p)
 
-        self.pair = self._fuse_into(pair.preset, pair.original, method, params, report)
-        return self.pair
+            variant = build_variant(pair.original, stream, fused_title(pair.preset, method), method, report)
+            self.store.put(variant)
+        self.status.message = f"ready: {pair.preset.name} ({pair.method})"
+        self.log(f"[studio] variant {method} built in {variant.seconds:.1f} s; store: {len(self.store)} variants, {self.store.nbytes / 2**20:.0f} MiB")
+        return variant
+
+    def variant(self, key: str | None) -> Variant:
+        """A visitor's variant by key (None: the default)."""
+        pair = self.ready()
+        if not key or key == pair.default.key:
+            return pair.default
+        found = self.store.get(str(key))
+        if found is None:
+            raise StudioError(
+                "Your fused model was removed from memory to make room for other visitors' (this server keeps "
+                f"{self.store.max_count}). Press Fuse again, or reload the page to use the default."
+            )
+        return found
 
     # asking
 
     def compare(self, message: str, image_path: str | Path | None = None, *, image_required: bool = False) -> dict[str, Any]:
-        """Both models' answers to one message (the API): ``{"preset", "method", "original":
-        {"model", "answer", "labels", "matches"}, "fused": {...}}``."""
+        """Both models' answers to one message (the API, always with the default fused model):
+        ``{"preset", "method", "original": {"model", "answer", "labels", "matches"}, "fused": {...}}``."""
         text = check_message(message)
         image = load_image(image_path) if image_path or image_required else None
         pair = self.ready()
@@ -216,18 +243,28 @@ class Studio:
         for key, model in (("original", pair.original), ("fused", pair.fused)):
             budget = answer_budget(model, self.settings.max_new_tokens)
             fit_history(model, text, image is not None, [], budget)
-            answer = model.answer([text], [image], max_new_tokens=budget)[0]
+            answer = ask(model.answer, [text], [image], max_new_tokens=budget)[0]
             out[key] = {"model": model.name, **behaviour(answer, prompt_has_image=image is not None)}
         return out
 
-    def chat(self, message: str, histories: Sequence[Sequence[tuple[str, str]]], image_path: str | None = None, *, image_required: bool = False, with_base: bool = False) -> tuple[str, Iterator[list[str]]]:
+    def chat(
+        self,
+        message: str,
+        histories: Sequence[Sequence[tuple[str, str]]],
+        image_path: str | None = None,
+        *,
+        image_required: bool = False,
+        with_base: bool = False,
+        variant: str | None = None,
+    ) -> tuple[str, Iterator[list[str]]]:
         """Checks a chat message and returns it with a stream of the answers so far, one per
-        model (original, fused, and the base LLM when asked), each model seeing its own
-        earlier answers. Problems with the input raise before anything streams."""
+        model (original, the visitor's fused variant, and the base LLM when asked), each model
+        seeing its own earlier answers. Problems with the input raise before anything streams."""
         text = check_message(message)
         image = load_image(image_path) if image_path or image_required else None
         pair = self.ready()
-        models = [pair.original, pair.fused] + ([self.base()] if with_base else [])
+        fused = self.variant(variant)
+        models = [pair.original, fused.model] + ([self.base()] if with_base else [])
         streams = []
         for model, history in zip(models, histories):
             # the base LLM cannot see the image: it gets the question alone
@@ -235,7 +272,12 @@ class Studio:
             budget = answer_budget(model, self.settings.max_new_tokens)
             turns = fit_history(model, text, seen is not None, history, budget)
             streams.append(model.stream(text, seen, history=turns, max_new_tokens=budget))
-        return text, merge_streams(streams)
+        return text, self._pinned(fused, merge_streams(streams))
+
+    def _pinned(self, variant: Variant, answers: Iterator[list[str]]) -> Iterator[list[str]]:
+        """The answers, with ``variant`` kept out of eviction until they are complete."""
+        with self.store.using(variant):
+            yield from ask_stream(answers)
 
     # the Fusion and Behaviour tabs
 

@@ -18,6 +18,7 @@ from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
 
 if TYPE_CHECKING:
     from .state import Pair
+    from .variants import Variant
 
 BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known"}
 
@@ -131,18 +132,17 @@ def example_images(preset: Preset, n: int = 4) -> list[tuple[str, str]]:
     return list(out.values())
 
 
-def recipe_card(pair: Pair) -> dict[str, Any]:
-    """What the Fusion tab shows about the fused model in use."""
-    result = pair.fusion
-    located = sum(r["located"] for r in result.report)
-    total = sum(r["neurons"] for r in result.report)
+def recipe_card(pair: Pair, variant: Variant) -> dict[str, Any]:
+    """What the Fusion tab shows about a fused variant (no server paths: visitors see it)."""
+    located = sum(r["located"] for r in variant.report)
+    total = sum(r["neurons"] for r in variant.report)
     return {
         "preset": pair.preset.name,
-        "method": pair.method,
-        "recipe": {k: result.recipe.get(k) for k in ("method", "params", "seed")},
+        "method": variant.name,
+        "recipe": {k: variant.record.get(k) for k in ("method", "params", "seed")},
         "neurons_located": f"{located} of {total}" if total else None,
-        "from_cache": result.reused,
-        "seconds": round(result.seconds, 2),
-        "path": str(result.path),
+        "built_in_memory_seconds": round(variant.seconds, 2),
+        "memory_mib": round(variant.nbytes / 2**20, 1),
+        "default": variant is pair.default,
         "shared_with_original": pair.shared,
     }

@@ -95,3 +95,28 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningApp]:
     with running_app(tmp_path_factory.mktemp("app")) as running:
         print(f"\napp ready {running.ready_seconds:.1f} s after start")
         yield running
+
+
+def queue_call(url: str, api_name: str, data: list, session: str, timeout: float = 120.0) -> dict:
+    """Call any event handler of the running app the way a raw client can, hidden or not:
+    ``POST /gradio_api/queue/join`` with its ``fn_index`` and a session hash of our choosing,
+    then read the session's event stream until the call completes. Returns the completion
+    message (``{"success": bool, "output": {...}}``)."""
+    with urllib.request.urlopen(f"{url}config", timeout=10) as r:
+        dependencies = json.load(r)["dependencies"]
+    fn_index = next(i for i, d in enumerate(dependencies) if d.get("api_name") == api_name)
+    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}).encode()
+    join = urllib.request.Request(f"{url}gradio_api/queue/join", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(join, timeout=10) as r:
+        json.load(r)
+    deadline = time.monotonic() + timeout
+    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+        for raw in stream:
+            line = raw.decode().strip()
+            if line.startswith("data:"):
+                message = json.loads(line[len("data:"):])
+                if message.get("msg") == "process_completed":
+                    return message
+            if time.monotonic() > deadline:
+                break
+    raise TimeoutError(f"{api_name} did not complete in {timeout} s")

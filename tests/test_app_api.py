@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
+from conftest import queue_call
 from fusion.detectors import detect
 from fusion.evaluate import load_probes
 from fusion.presets import ASSETS, get_preset, probe_path
@@ -86,3 +89,25 @@ def test_concurrent_load(client: Client, app, record_property) -> None:
     record_property("load_test_last_answer_s", round(last, 2))
     assert answered >= 1
     check_answers(client.predict(question(), api_name="/compare_text"), image=False)
+
+
+def fuse_values(method: str, **values: object) -> list:
+    """The Fuse handler's inputs: the method, then every control's value in the app's order."""
+    from studio.view import all_params
+
+    return [method, *(values.get(p.name, p.default) for p in all_params())]
+
+
+def test_one_visitors_fuse_changes_nobody_elses_model(app) -> None:
+    first, second = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    done = queue_call(app.url, "refuse", fuse_values("ties", density=0.5), session="visitor-a")
+    assert done["success"], done
+    assert "Fused with **ties**" in json.dumps(done["output"]["data"])
+    refused = queue_call(app.url, "refuse", fuse_values("neu-p-taska", suppress=float("nan")), session="visitor-a")
+    assert not refused["success"] and "suppress" in json.dumps(refused)
+    unknown = queue_call(app.url, "refuse", fuse_values("../../etc/passwd"), session="visitor-a")
+    assert not unknown["success"] and re.search(r"Unknown method|not in the list of choices", unknown["output"]["error"])
+    for client in (first, second):
+        result = client.predict(question(), api_name="/compare_text")
+        assert result["method"] == "neu-p-taska"
+        assert result["fused"]["model"] == "Pocket-LLaVA + Neuron-Fusion" and result["fused"]["answer"]

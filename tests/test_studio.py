@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from unittest import mock
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 
 from fusion import plots
-from fusion.architectures import SHARED_MODULES
+from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.detectors import detect
-from fusion.merge import Progress
+from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset
 from fusion.registry import METHOD_NAMES, schema
 from studio import StudioError, chat, state, view
@@ -84,7 +85,25 @@ def test_loads_and_shares_the_vision_tower(studio: state.Studio) -> None:
     assert pair.shared == list(SHARED_MODULES)
     for name in SHARED_MODULES:
         assert getattr(pair.fused.model.model, name) is getattr(pair.original.model.model, name)
-    assert pair.fusion.report, "Neuron-Fusion reports what it located"
+    assert pair.default.report, "Neuron-Fusion reports what it located"
+
+
+def test_in_memory_fusion_equals_the_written_checkpoint(studio: state.Studio, tmp_path: Path) -> None:
+    """The default variant, built in memory, holds exactly the tensors ``fuse`` writes to disk."""
+    from safetensors.torch import load_file
+
+    pair = studio.ready()
+    written = fuse(pair.preset.tuned, pair.preset.base, pair.default.recipe, out=tmp_path / "fused", device="cpu")
+    on_disk = {k: v for f in written.path.glob("*.safetensors") for k, v in load_file(f).items()}
+    in_memory = pair.fused.model.state_dict()
+    layout = layout_named(LLAVA_IN_MEMORY)
+    compared = 0
+    for name, tensor in on_disk.items():
+        base_name = layout_named("llava").base_key(name) if name.startswith("language_model.") else None
+        key = layout.tuned_key(base_name) if base_name else "model." + name
+        assert torch.equal(in_memory[key], tensor), key
+        compared += 1
+    assert compared == len(on_disk) and written.recipe["key"] == pair.default.key
 
 
 def test_unknown_preset_falls_back_to_pocket(tmp_path: Path) -> None:
@@ -192,17 +211,70 @@ def test_badges_show_fixed_labels_only() -> None:
 # fusion and behaviour tabs
 
 
-def test_refuse_swaps_the_fused_model(studio: state.Studio) -> None:
+def test_a_visitors_variant_is_their_own(studio: state.Studio) -> None:
     seen: list[Progress] = []
-    before = studio.ready()
-    pair = studio.refuse("ties", {"density": 0.5}, seen.append)
-    assert pair.method == "ties" and pair.fused is not before.fused and pair.fusion.report == []
-    assert pair.fusion.recipe["params"]["density"] == 0.5 and seen[-1].stage == "done"
-    assert pair.fused.name == "Pocket-LLaVA + ties"
-    with pytest.raises(StudioError, match="density"):
-        studio.refuse("ties", {"density": 7})
-    studio.refuse(before.method, dict(before.preset.params))  # back to the preset's recipe (cached)
-    assert studio.ready().fusion.reused
+    pair = studio.ready()
+    default_answer = pair.fused.answer([QUESTION])[0]
+    variant = studio.fuse_variant("ties", {"density": 0.5}, seen.append)
+    assert variant.name == "ties" and variant.report == [] and variant.record["params"]["density"] == 0.5
+    assert variant.model.name == "Pocket-LLaVA + ties" and seen and seen[-1].stage == "merging"
+    assert studio.ready().fused is pair.fused and studio.variant(None) is pair.default  # nobody else's model changed
+    assert pair.fused.answer([QUESTION])[0] == default_answer
+    assert studio.fuse_variant("ties", {"density": 0.5}) is variant  # the same recipe is built once
+    assert studio.variant(variant.key) is variant and variant.model.model.model.vision_tower is pair.original.model.model.vision_tower
+    _, stream = studio.chat(QUESTION, [[], []], variant=variant.key)
+    assert list(stream)[-1][1] == variant.model.answer([QUESTION], max_new_tokens=chat.answer_budget(variant.model, studio.settings.max_new_tokens))[0]
+    assert studio.fuse_variant(pair.method, dict(pair.preset.params)) is pair.default
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "says"),
+    [
+        ("ties", {"density": float("nan")}, "density"),
+        ("ties", {"density": "inf"}, "density"),
+        ("ties", {"density": 7}, "density"),
+        ("neuron_fusion", {"inner": "rm -rf"}, "inner"),
+        ("no-such-method", {}, "Unknown method"),
+    ],
+)
+def test_variant_requests_are_checked_on_the_server(studio: state.Studio, method: str, params: dict, says: str) -> None:
+    before = len(studio.store)
+    with pytest.raises(StudioError, match=says):
+        studio.fuse_variant(method, params)
+    assert len(studio.store) == before
+
+
+def test_the_store_stays_within_its_bounds(tmp_path: Path) -> None:
+    s = state.Studio(Settings("pocket", device="cpu", max_variants=3), log=lambda line: None)
+    s.load()
+    keys = []
+    for i in range(20):
+        variant = s.fuse_variant("task_arithmetic", {"lambda": round(0.05 * (i + 1), 2)})
+        keys.append(variant.key)
+        assert len(s.store) <= 3 and s.store.nbytes <= s.store.max_bytes
+    assert s.variant(keys[-1]).record["params"]["lambda"] == 1.0
+    with pytest.raises(StudioError, match="removed from memory"):
+        s.variant(keys[0])
+
+
+def test_a_variant_in_use_is_not_evicted_and_a_full_store_says_busy() -> None:
+    from studio.variants import Variant, VariantStore
+
+    def fake(key: str) -> Variant:
+        return Variant(key, "ties", None, {}, None, [], 0.0, 100)
+
+    store = VariantStore(max_count=2, max_bytes=250)
+    a, b = fake("a"), fake("b")
+    store.put(a)
+    store.put(b)
+    with store.using(a), store.using(b):
+        with pytest.raises(StudioError, match="busy"):
+            store.make_room(100)
+    store.get("a")  # a was used last: b goes first
+    store.make_room(100)
+    assert store.get("b") is None and store.get("a") is a
+    with pytest.raises(StudioError, match="no room"):
+        store.make_room(251)
 
 
 def test_controls_cover_every_method() -> None:
@@ -214,14 +286,15 @@ def test_controls_cover_every_method() -> None:
 
 
 def test_plots(studio: state.Studio) -> None:
-    report = studio.ready().fusion.report
+    report = studio.ready().default.report
     curve = plots.curve_figure(report)
     assert curve.axes[0].get_xscale() == "log" and curve.axes[0].get_yscale() == "log"
     bars = plots.located_figure(report)
     assert sum(patch.get_height() for patch in bars.axes[0].patches) == sum(r["located"] for r in report)
     assert plots.curve_figure([]).axes[0].texts
-    card = view.recipe_card(studio.ready())
-    assert card["preset"] == "pocket" and card["neurons_located"]
+    card = view.recipe_card(studio.ready(), studio.ready().default)
+    assert card["preset"] == "pocket" and card["neurons_located"] and card["default"]
+    assert "/" not in json.dumps(card["recipe"]) and not any(isinstance(v, str) and v.startswith("/") for v in card.values())
 
 
 def test_bench(studio: state.Studio) -> None:
