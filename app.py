@@ -40,6 +40,7 @@ from studio.view import (  # noqa: E402
     format_progress,
     highlighted,
     method_params,
+    public,
     recipe_card,
     titles,
 )
@@ -74,7 +75,7 @@ def user_errors(fn: Callable) -> Callable:
             try:
                 yield from fn(*args, **kwargs)
             except (StudioError, FusionError) as err:
-                raise gr.Error(str(err), print_exception=False) from None
+                raise gr.Error(public(str(err)), print_exception=False) from None
 
         return gen
 
@@ -83,7 +84,7 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except (StudioError, FusionError) as err:
-            raise gr.Error(str(err), print_exception=False) from None
+            raise gr.Error(public(str(err)), print_exception=False) from None
 
     return plain
 
@@ -185,7 +186,8 @@ def build(studio: Studio) -> gr.Blocks:
     names = titles(preset, method)
     params = all_params()
 
-    with gr.Blocks(title="Neuron-Fusion Studio") as demo:
+    # uploads older than an hour are removed every hour, and all of them at shutdown
+    with gr.Blocks(title="Neuron-Fusion Studio", delete_cache=(3600, 3600)) as demo:
         gr.Markdown("# Neuron-Fusion Studio\nLLaVA-1.5 forgets some of its base LLM's language skills; Neuron-Fusion (Locate-then-Merge) gives them back without training. Ask both and compare.")
         status = gr.Markdown(elem_id="nf-status")
         timer = gr.Timer(1.0)
@@ -229,8 +231,8 @@ def build(studio: Studio) -> gr.Blocks:
         def refresh() -> list[Any]:
             """The status line and, once ready, the loaded preset's column titles."""
             s = studio.status
-            note = f"\n\n⚠️ {html.escape(s.notice)}" if s.notice else ""
-            line = [f"**{s.state.capitalize()}** · {html.escape(s.message)}{note}"]
+            note = f"\n\n⚠️ {html.escape(public(s.notice))}" if s.notice else ""
+            line = [f"**{s.state.capitalize()}** · {html.escape(public(s.message))}{note}"]
             if studio.pair is None:
                 return [*line, *(gr.update() for _ in labelled), gr.Timer(active=s.state == "loading")]
             original, fused, base = titles(studio.pair.preset, studio.pair.method)
@@ -311,7 +313,7 @@ def build(studio: Studio) -> gr.Blocks:
 
         def status_api() -> dict:
             """Load state: {state: loading|ready|failed, message, notice, seconds}."""
-            return studio.status.as_dict()
+            return {k: public(v) if isinstance(v, str) else v for k, v in studio.status.as_dict().items()}
 
         gr.api(gpu(compare_text), api_name="compare_text", concurrency_id="models")
         gr.api(gpu(compare_image), api_name="compare_image", concurrency_id="models")

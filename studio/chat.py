@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
@@ -25,32 +27,56 @@ from .settings import DEFAULT_MAX_NEW_TOKENS
 MAX_MESSAGE_CHARS = 2000
 MAX_IMAGE_BYTES = 10 << 20
 MAX_IMAGE_PIXELS = 36_000_000
+MAX_ASPECT = 20  # long side / short side
 
 
-def check_message(message: str | None) -> str:
-    text = (message or "").strip()
-    if not text:
+def check_message(message: object) -> str:
+    """The message without invisible characters (zero-width spaces, direction marks, control
+    codes other than newlines and tabs), or a StudioError when nothing visible is left or it is
+    too long."""
+    raw = message if isinstance(message, str) else ""
+    text = "".join(ch for ch in raw if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn")).strip()
+    if not any(unicodedata.category(ch)[0] not in "CZ" for ch in text):
         raise StudioError("The message is empty: type a question first.")
     if len(text) > MAX_MESSAGE_CHARS:
         raise StudioError(f"The message is {len(text)} characters long; the limit is {MAX_MESSAGE_CHARS}. Shorten it.")
     return text
 
 
-def load_image(path: str | Path | None) -> Image.Image:
-    """An upload as an RGB image, or a StudioError saying why it cannot be one."""
-    if not path:
+def load_image(path: object) -> Image.Image:
+    """An upload as an RGB image, or a StudioError saying why it cannot be one. Size, pixel
+    count and aspect ratio are checked from the header, before any pixel is decoded: a 1×100000
+    strip would otherwise become a huge square when the processor resizes its short side."""
+    if not path or not isinstance(path, (str, Path)):
         raise StudioError("This tab asks about an image: upload one (or pick an example) first. Text-only questions go to the Text chat tab.")
     path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_IMAGE_BYTES:
-        raise StudioError(f"The upload is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES >> 20} MB are accepted.")
     try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise StudioError(f"The upload is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES >> 20} MB are accepted.")
         with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise StudioError(f"The image is {image.width}×{image.height} pixels; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
-            return image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
-        raise StudioError(f"The upload '{path.name}' is not an image this app can read ({type(err).__name__}).") from None
+            check_image_shape(image.width, image.height)
+            return to_rgb(image)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise StudioError(f"The upload '{path.name[:60]}' is not an image this app can read ({type(err).__name__}).") from None
+
+
+def check_image_shape(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise StudioError(f"The image is {width}×{height} pixels; at most {MAX_IMAGE_PIXELS // 1_000_000} megapixels are accepted.")
+    if min(width, height) < 1 or max(width, height) > MAX_ASPECT * min(width, height):
+        raise StudioError(f"The image is {width}×{height} pixels; its long side may be at most {MAX_ASPECT} times its short side. Crop it first.")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits per channel. 16-bit and 32-bit greyscale images are scaled down, not
+    clipped: PIL's own conversion would turn every value above 255 white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 255.0)
+        scaled = np.clip(values * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    return image.convert("RGB")
 
 
 def context_length(model: ChatModel) -> int:

@@ -4,6 +4,7 @@ these into components."""
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,16 @@ from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
 if TYPE_CHECKING:
     from .state import Pair
     from .variants import Variant
+
+# An absolute server path (not part of a URL): visitors see only its last component.
+_SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"(),;/]+/)+([^\s'\"(),;:/]*)")
+
+
+def public(text: str) -> str:
+    """``text`` fit for a visitor: the library's messages name files by their full path, which
+    helps on a command line but tells strangers how the server is laid out."""
+    return _SERVER_PATH.sub(lambda m: m.group(1) or "(a folder)", text)
+
 
 BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known"}
 

@@ -111,3 +111,21 @@ def test_one_visitors_fuse_changes_nobody_elses_model(app) -> None:
         result = client.predict(question(), api_name="/compare_text")
         assert result["method"] == "neu-p-taska"
         assert result["fused"]["model"] == "Pocket-LLaVA + Neuron-Fusion" and result["fused"]["answer"]
+
+
+def peak_rss_gib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM)."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 2**20
+
+
+def test_a_thin_image_is_refused_quickly_in_little_memory(client: Client, app, tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("L", (1, 100_000)).save(tmp_path / "strip.png")
+    before, start = peak_rss_gib(app.pid), time.perf_counter()
+    with pytest.raises(Exception, match="long side"):
+        client.predict(handle_file(str(tmp_path / "strip.png")), "What is this?", api_name="/compare_image")
+    seconds, grown = time.perf_counter() - start, peak_rss_gib(app.pid) - before
+    print(f"\n1x100000 image: refused in {seconds:.2f} s, peak memory grew {grown * 1024:.0f} MiB")
+    assert seconds < 5 and grown < 0.5

@@ -314,3 +314,46 @@ def test_examples() -> None:
 def test_progress_line() -> None:
     line = view.format_progress(Progress("merging", 25, 100, "x", 3, 10.0))
     assert line == "merging · layer 3 · 25% · 0:10 elapsed · ~0:30 left"
+
+
+@pytest.mark.parametrize("message", ["\u200b\u200d\u2060", "\u202e \u200b\n\t", "\x00\x07"])
+def test_invisible_only_messages_are_empty(message: str) -> None:
+    with pytest.raises(StudioError, match="empty"):
+        chat.check_message(message)
+
+
+def test_invisible_characters_are_removed_from_a_message() -> None:
+    assert chat.check_message("\u200bWhat is\u200d the capital\u2060 of France?\x07") == "What is the capital of France?"
+    with pytest.raises(StudioError, match="empty"):
+        chat.check_message(["not", "a", "string"])
+
+
+def test_thin_images_are_refused_before_decoding(tmp_path: Path) -> None:
+    Image.new("L", (1, 100_000)).save(tmp_path / "strip.png")
+    with pytest.raises(StudioError, match="long side"):
+        chat.load_image(tmp_path / "strip.png")
+    Image.new("RGB", (21 * 16, 16)).save(tmp_path / "banner.png")
+    with pytest.raises(StudioError, match="20 times"):
+        chat.load_image(tmp_path / "banner.png")
+    Image.new("RGB", (20 * 16, 16)).save(tmp_path / "wide.png")
+    assert chat.load_image(tmp_path / "wide.png").size == (320, 16)
+    with pytest.raises(StudioError, match="not an image"):
+        chat.load_image(tmp_path / "no-such-file.png")
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+
+    values = np.full((8, 8), 30_000, dtype=np.uint16)
+    values[0, 0] = 65_535
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    rgb = np.asarray(chat.load_image(tmp_path / "deep.png"))
+    assert rgb.shape == (8, 8, 3) and rgb[1, 1].tolist() == [116, 116, 116] and rgb[0, 0].tolist() == [255, 255, 255]
+
+
+def test_visitors_never_see_server_paths() -> None:
+    message = "/srv/cache/hub/models--lmsys--vicuna-7b-v1.5/snapshots/ab/tokenizer.model: reading this tokenizer needs sentencepiece"
+    assert view.public(message) == "tokenizer.model: reading this tokenizer needs sentencepiece"
+    assert view.public("cannot fetch 'lmsys/vicuna-7b-v1.5' (https://huggingface.co/api/x)") == "cannot fetch 'lmsys/vicuna-7b-v1.5' (https://huggingface.co/api/x)"
+    assert "/" not in view.public(state.explain_load_error("pocket", OSError("/home/user/app/assets/pocket/llava/config.json: bad")))
