@@ -13,7 +13,6 @@ from PIL import Image
 
 from fusion import plots
 from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
-from fusion.detectors import detect
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset
 from fusion.registry import METHOD_NAMES, schema
@@ -160,13 +159,16 @@ def test_not_ready_is_explained() -> None:
 # asking
 
 
-def test_compare_labels_are_the_detectors(studio: state.Studio) -> None:
+def test_compare_shows_the_forgetting_and_its_repair(studio: state.Studio) -> None:
+    """On the shipped pair the tuned model answers a text question about an image that is not
+    there, and the fused one answers it; the labels say so (not recomputed here)."""
     result = studio.compare(QUESTION)
-    for key in ("original", "fused"):
-        assert result[key]["answer"]
-        assert result[key]["labels"] == [m.label for m in detect(result[key]["answer"])]
+    assert result["original"]["answer"].startswith("In the image")
+    assert result["original"]["labels"] == ["context_hallucination"]
+    assert result["original"]["matches"][0]["text"] == "In the image"
+    assert "cold" in result["fused"]["answer"] and result["fused"]["labels"] == []
     image = studio.compare("Is there a red circle in the image?", ASSETS / "examples" / "cat.jpg", image_required=True)
-    assert image["fused"]["answer"]
+    assert image["original"]["answer"].startswith("In the image") and image["original"]["labels"] == []  # an image prompt: not CH
     with pytest.raises(StudioError, match="upload one"):
         studio.compare(QUESTION, None, image_required=True)
 
