@@ -58,9 +58,11 @@ def generate_1b(root: Path) -> tuple[Path, Path]:
         }
     extra = tuned_config["text_config"]["vocab_size"] - base_config["vocab_size"]
     pocket = load_file(POCKET / "llava" / "model.safetensors")
-    vision = {k: v.half() for k, v in pocket.items() if not k.startswith("language_model.")}
-    vision["multi_modal_projector.linear_2.weight"] = (0.02 * torch.randn(h, vision["multi_modal_projector.linear_2.weight"].shape[1], generator=gen)).half()
-    vision["multi_modal_projector.linear_2.bias"] = torch.zeros(h, dtype=torch.float16)
+    vision = {k: v.half() for k, v in pocket.items() if k.startswith("vision_tower.")}
+    width = tuned_config["vision_config"]["hidden_size"]  # the projector maps vision width -> text width -> text width
+    for name, shape in (("linear_1", (h, width)), ("linear_2", (h, h))):
+        vision[f"multi_modal_projector.{name}.weight"] = (0.02 * torch.randn(shape, generator=gen)).half()
+        vision[f"multi_modal_projector.{name}.bias"] = torch.zeros(h, dtype=torch.float16)
     base_shards: list[dict] = [{}, {}]
     tuned_shards: list[dict] = [{**vision}, {}]
     for n, (name, shape) in enumerate(shapes.items()):

@@ -205,6 +205,16 @@ def _text_config(real: dict, *, hidden: int, intermediate: int, heads: int, kv_h
             "num_key_value_heads": kv_heads, "num_hidden_layers": layers, "vocab_size": vocab}
 
 
+def _llava_config(text_config: dict, **extra: object) -> dict:
+    """A llava-hf config.json: <image> and <pad> right after the base vocabulary, padded to
+    VOCAB + 64 rows, CLIP ViT-L/14-336 (shrunk), the penultimate layer's patch features."""
+    return {
+        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": VOCAB, "model_type": "llava",
+        "pad_token_id": VOCAB + 1, "projector_hidden_act": "gelu", "text_config": text_config, "vision_config": CLIP_VISION,
+        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": VOCAB + PAD_ROWS, **extra,
+    }
+
+
 def llava_15_7b() -> PresetReplica:
     """llava-hf/llava-1.5-7b-hf (3 safetensors shards, tokenizer.json + tokenizer.model, chat
     template files) and lmsys/vicuna-7b-v1.5 (2 pickle .bin shards + index, tokenizer.model only,
@@ -219,12 +229,8 @@ def llava_15_7b() -> PresetReplica:
     }
     text = {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
             "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16"}
-    llava_config = {
-        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": image, "model_type": "llava",
-        "pad_token_id": pad, "projector_hidden_act": "gelu", "text_config": _text_config(text, vocab=padded, **sizes),
-        "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
-        "vision_config": CLIP_VISION, "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": padded,
-    }
+    llava_config = _llava_config(_text_config(text, vocab=padded, **sizes), tie_word_embeddings=False, torch_dtype="float16",
+                                 transformers_version="4.36.0.dev0")
     added = {"<image>": image, "<pad>": pad}
     tuned = Repo(
         "llava-hf/llava-1.5-7b-hf",
@@ -273,12 +279,7 @@ def tiny_llava_14b() -> PresetReplica:
     sizes = {"hidden": 64, "intermediate": 176, "heads": 8, "kv_heads": 1, "layers": 22}
     text = {"_name_or_path": "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "rms_norm_eps": 1e-05, "torch_dtype": "bfloat16"}
-    llava_config = {
-        "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": image, "model_type": "llava",
-        "pad_token_id": pad, "projector_hidden_act": "gelu", "text_config": _text_config(text, vocab=padded, **sizes),
-        "torch_dtype": "float32", "transformers_version": "4.36.2", "vision_config": CLIP_VISION,
-        "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": padded,
-    }
+    llava_config = _llava_config(_text_config(text, vocab=padded, **sizes), torch_dtype="float32", transformers_version="4.36.2")
     base_config = {
         "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "initializer_range": 0.02,
         "max_position_embeddings": 2048, "model_type": "llama", "rms_norm_eps": 1e-05, "rope_theta": 10000.0,

@@ -29,61 +29,61 @@ def settled_texts(locator, timeout: float = 60.0) -> list[str]:
     raise AssertionError(f"answers still changing after {timeout} s: {last}")
 
 
-def test_text_chat_in_browser(app, tmp_path: Path) -> None:
+@pytest.fixture
+def page(app):
+    """A fresh browser page on the running app, once its models are ready."""
     from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url)
+            expect(page.locator("#nf-status")).to_contain_text("Ready", timeout=30_000)
+            yield page
+        finally:
+            browser.close()
+
+
+def test_text_chat_in_browser(page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
 
     question = load_probes(probe_path(get_preset("pocket")))[0][0].question
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(app.url)
-            expect(page.locator("#nf-status")).to_contain_text("Ready", timeout=30_000)
-            page.get_by_role("tab", name="Text chat").click()
-            box = page.locator(".nf-message textarea").locator("visible=true")
-            box.fill(question)
-            box.press("Enter")
-            columns = page.locator(".nf-column").locator("visible=true")
-            expect(columns).to_have_count(2)
-            answers = columns.locator("[data-testid='bot']")
-            expect(answers).to_have_count(2, timeout=60_000)
-            texts = settled_texts(answers)
-            for i, text in enumerate(texts):
-                labels = [m.label for m in detect(text)]
-                badges = columns.nth(i).locator(".nf-badge")
-                expect(badges).to_have_count(max(1, len(labels)))
-                for label in labels or ["clean"]:
-                    expect(columns.nth(i).locator(f".nf-{label}")).to_be_visible()
-            shot = tmp_path / "text-chat.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            print(f"\nanswers: {texts}\nscreenshot: {shot}")
-        finally:
-            browser.close()
+    page.get_by_role("tab", name="Text chat").click()
+    box = page.locator(".nf-message textarea").locator("visible=true")
+    box.fill(question)
+    box.press("Enter")
+    columns = page.locator(".nf-column").locator("visible=true")
+    expect(columns).to_have_count(2)
+    answers = columns.locator("[data-testid='bot']")
+    expect(answers).to_have_count(2, timeout=60_000)
+    texts = settled_texts(answers)
+    for i, text in enumerate(texts):
+        labels = [m.label for m in detect(text)]
+        badges = columns.nth(i).locator(".nf-badge")
+        expect(badges).to_have_count(max(1, len(labels)))
+        for label in labels or ["clean"]:
+            expect(columns.nth(i).locator(f".nf-{label}")).to_be_visible()
+    shot = tmp_path / "text-chat.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"\nanswers: {texts}\nscreenshot: {shot}")
 
 
-def test_image_example_fills_image_and_question_and_both_answer(app, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def test_image_example_fills_image_and_question_and_both_answer(page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(app.url)
-            expect(page.locator("#nf-status")).to_contain_text("Ready", timeout=30_000)
-            page.locator("#nf-image-examples tr.tr-body").first.click()
-            box = page.locator(".nf-message textarea").locator("visible=true")
-            expect(box).not_to_have_value("", timeout=10_000)
-            question = box.input_value()
-            page.locator(".nf-send").locator("visible=true").click()
-            columns = page.locator(".nf-column").locator("visible=true")
-            answers = columns.locator("[data-testid='bot']")
-            expect(answers).to_have_count(2, timeout=60_000)
-            texts = settled_texts(answers)
-            assert len(texts) == 2 and all(texts)
-            expect(page.get_by_text("Error", exact=True)).to_have_count(0)
-            expect(columns.locator(".nf-context_hallucination")).to_have_count(0)  # image prompts never carry it
-            assert question in columns.first.inner_text()
-            page.screenshot(path=str(tmp_path / "image-example.png"), full_page=True)
-        finally:
-            browser.close()
+    page.locator("#nf-image-examples tr.tr-body").first.click()
+    box = page.locator(".nf-message textarea").locator("visible=true")
+    expect(box).not_to_have_value("", timeout=10_000)
+    question = box.input_value()
+    page.locator(".nf-send").locator("visible=true").click()
+    columns = page.locator(".nf-column").locator("visible=true")
+    answers = columns.locator("[data-testid='bot']")
+    expect(answers).to_have_count(2, timeout=60_000)
+    texts = settled_texts(answers)
+    assert len(texts) == 2 and all(texts)
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+    expect(columns.locator(".nf-context_hallucination")).to_have_count(0)  # image prompts never carry it
+    assert question in columns.first.inner_text()
+    page.screenshot(path=str(tmp_path / "image-example.png"), full_page=True)
