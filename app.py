@@ -23,11 +23,11 @@ import gradio as gr  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
 
 from fusion.errors import FusionError  # noqa: E402
-from fusion.evaluate import preset_probes  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
-from fusion.presets import ASSETS, PRESETS, Preset, get_preset  # noqa: E402
+from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
 from fusion.registry import BASELINES, METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
+from studio.behaviour import probe_count  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
@@ -40,6 +40,7 @@ from studio.view import (  # noqa: E402
     format_progress,
     highlighted,
     method_params,
+    object_presence,
     public,
     recipe_card,
     titles,
@@ -55,11 +56,12 @@ except ImportError:
         return fn
 
 
-COLOURS = {"context_hallucination": "#fca5a5", "not_known": "#fcd34d"}
+COLOURS = {"context_hallucination": "#fca5a5", "not_known": "#fcd34d", "object_hallucination": "#c4b5fd"}
 CSS = """
 .nf-badge { display: inline-block; padding: 2px 10px; margin: 2px; border-radius: 999px; font-size: 0.85em; font-weight: 600; }
 .nf-context_hallucination { background: #fca5a5; color: #7f1d1d; }
 .nf-not_known { background: #fcd34d; color: #78350f; }
+.nf-object_hallucination { background: #c4b5fd; color: #4c1d95; }
 .nf-clean { background: #d1fae5; color: #065f46; }
 """
 
@@ -136,13 +138,15 @@ class ChatTab:
             # a new image starts a new conversation, but keeps the question (an example sets both)
             image.change(self.reset_chats, None, self.outputs[:-1], queue=False, api_visibility="private")
 
-    def view(self, histories: list[list[tuple[str, str]]], latest: list[str | None]) -> list[Any]:
+    def view(self, histories: list[list[tuple[str, str]]], latest: list[str | None], present: bool | None = None) -> list[Any]:
+        """``present``: whether the object the latest question asks about is in the image (known
+        for the bundled examples), for the Object-Hallucination badge."""
         answers = [a if a is not None else "" for a in latest]
         seen = self.image is not None  # every turn of the image tab is about its image
         return [
             *(as_messages(h) for h in histories),
-            *(badges_html(behaviour(a, prompt_has_image=seen)["labels"]) if a else "" for a in answers),
-            *(highlighted(a, prompt_has_image=seen) if a else None for a in answers),
+            *(badges_html(behaviour(a, prompt_has_image=seen, object_present=present)["labels"]) if a else "" for a in answers),
+            *(highlighted(a, prompt_has_image=seen, object_present=present) if a else None for a in answers),
         ]
 
     def reset_chats(self) -> list[Any]:
@@ -159,13 +163,14 @@ class ChatTab:
         with_base = bool(extra[-1]) if self.with_base is not None else False
         histories = checked_histories(histories, len(self.chats))
         text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base, variant=variant)
+        present = object_presence(self.studio.ready().preset, image, text) if image else None
         n = 3 if with_base else 2
         answers: list[str] = [""] * n
         for answers in stream:
             live = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
-            yield [*self.view(live, answers + [None] * (len(histories) - n)), histories, ""]
+            yield [*self.view(live, answers + [None] * (len(histories) - n), present), histories, ""]
         done = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
-        yield [*self.view(done, answers + [None] * (len(histories) - n)), done, ""]
+        yield [*self.view(done, answers + [None] * (len(histories) - n), present), done, ""]
 
 
 def control(p: Param) -> gr.components.Component:
@@ -218,12 +223,26 @@ def build(studio: Studio) -> gr.Blocks:
                     located = gr.Plot(label="Located neurons per layer and kind")
 
         with gr.Tab("Behaviour"):
-            gr.Markdown("The preset's probe set, asked to the original and the fused model: language accuracy, visual accuracy, and on text-only probes the Context-Hallucination and Not-Known rates.")
+            gr.Markdown(
+                "The preset's probe set, asked to the base LLM, the original and the fused model: language accuracy, visual accuracy, "
+                "on text-only probes the Context-Hallucination and Not-Known rates, and on yes/no questions about objects that are "
+                "not in the image the Object-Hallucination rate."
+            )
+            most = probe_count(preset)
             with gr.Row():
-                limit = gr.Slider(1, _probe_count(preset), value=min(8, _probe_count(preset)), step=1, label="probes per set (fewer is faster)")
-                run = gr.Button("Run probes", variant="primary")
-            chart = gr.Image(type="filepath", label="Rates", show_label=True)
+                limit = gr.Slider(1, most, value=min(8, most), step=1, label="probes per set (fewer is faster)", elem_id="nf-bench-limit")
+                run = gr.Button("Run probes", variant="primary", elem_id="nf-bench-run")
             table = gr.Markdown(elem_id="nf-bench-table")
+            chart = gr.Plot(label="Rates")
+            per_probe = gr.Dataframe(
+                label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels",
+                interactive=False,
+                wrap=True,
+                max_height=600,
+                column_widths=["13%", "17%", "9%", "20%", "20%", "21%"],  # image, question, expected, then the three models' replies
+                elem_id="nf-bench-probes",
+            )
+            replies = gr.File(label="The replies, one JSON object a line", elem_id="nf-bench-replies")
 
         fused_chats = [image_tab.chats[1], text_tab.chats[1]]
         labelled = [image_tab.chats[0], *fused_chats, text_tab.chats[0], text_tab.chats[2]]
@@ -294,11 +313,13 @@ def build(studio: Studio) -> gr.Blocks:
 
         @gpu
         @user_errors
-        def bench(n: float) -> tuple[str, str]:
-            _, markdown, path = studio.bench(int(n))
-            return str(path), markdown
+        def bench(n: Any, variant: str | None, progress: gr.Progress = gr.Progress()) -> list[Any]:
+            """The probes for base, original and fused; the bar moves per batch of probes ("probes
+            12/40 · LLaVA-1.5 (original)"). ``n`` is checked by the studio: a client sends anything."""
+            result = studio.bench(n, lambda share, line: progress(share, desc=line), variant=variant)
+            return [result.table, result.chart, result.probes, str(result.replies)]
 
-        run.click(bench, limit, [chart, table], concurrency_id="models", api_visibility="private")
+        run.click(bench, [limit, visitor], [table, chart, per_probe, replies], concurrency_id="models", api_visibility="private")
 
         @user_errors
         def compare_text(message: str) -> dict:
@@ -319,11 +340,6 @@ def build(studio: Studio) -> gr.Blocks:
         gr.api(gpu(compare_image), api_name="compare_image", concurrency_id="models")
         gr.api(status_api, api_name="status", queue=False)
     return demo
-
-
-def _probe_count(preset: Preset) -> int:
-    text, visual, _ = preset_probes(preset)
-    return max(len(text), len(visual))
 
 
 def main() -> None:

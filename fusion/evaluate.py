@@ -5,29 +5,33 @@
 
 For a base LLM, its tuned MLLM and fused models, it asks a probe set's text-only questions
 (and, for the MLLMs, its image questions) and reports per model: language accuracy, visual
-accuracy, and on text-only probes the Context-Hallucination and Not-Known rates. Writes
+accuracy, on text-only probes the Context-Hallucination and Not-Known rates, and on yes/no
+questions about objects that are not in the image the Object-Hallucination rate. Writes
 ``results.json`` (a list of rows), ``results.md`` (a table), ``results.png`` (a chart) and
-``replies.jsonl`` (every answer, for reading). ``--sweep`` instead walks each method's strength
-parameter and draws the language-vs-visual trade-off of every method on one plot.
+``replies.jsonl`` (every answer with its labels, for reading). ``--sweep`` instead walks each
+method's strength parameter and draws the language-vs-visual trade-off of every method on one
+plot. This module measures; ``fusion.report`` and ``fusion.plots`` show.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .detectors import context_hallucination, not_known
+from .detectors import detect, not_known
 from .errors import FusionError
 from .inference import ChatModel
 from .merge import fuse
+from .plots import bench_figure, tradeoff_figure
 from .presets import Preset, probe_path
 from .registry import resolve
+from .report import RATES, jsonl, markdown_table, percent
 
 DEFAULT_METHODS = ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion")
 # The knobs --sweep walks per method, each from "all base" toward "all tuned". Neuron-Fusion
@@ -41,6 +45,11 @@ SWEEPS: dict[str, tuple[tuple[str, tuple[float, ...]], ...]] = {
     "della": (("lambda", (0.1, 0.3, 0.5, 0.7, 1.0)),),
     "neuron_fusion": (("top_ratio", (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)), ("suppress", (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0))),
 }
+# Probes asked at once. ChatModel.answer batches by 16 too, so reporting progress per batch
+# asks the same batches, and gets the same greedy replies, as asking a whole set at once.
+BATCH = 16
+
+Progress = Callable[[int, int], None]  # (probes answered, probes to answer) for one model
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,18 @@ class Probe:
     skill: str
     image: str | dict | None = None
 
+    @property
+    def object_present(self) -> bool | None:
+        """For an image question answered exactly "yes" or "no" (is there an X?), whether the
+        object is in the image; None for every other probe. Probe sets ask these only about
+        objects whose presence is known, which is what Object-Hallucination needs."""
+        if self.image is None or self.answers not in (("yes",), ("no",)):
+            return None
+        return self.answers == ("yes",)
+
+
+Probes = tuple[list[Probe], list[Probe], Path]  # text-only probes, image probes, the folder image files are relative to
+
 
 def load_probes(path: Path) -> tuple[list[Probe], list[Probe]]:
     """(text-only probes, image probes) from a probe-set JSON file."""
@@ -66,7 +87,7 @@ def load_probes(path: Path) -> tuple[list[Probe], list[Probe]]:
     return text, visual
 
 
-def preset_probes(preset: Preset, limit: int | None = None) -> tuple[list[Probe], list[Probe], Path]:
+def preset_probes(preset: Preset, limit: int | None = None) -> Probes:
     """A preset's probe set: the first ``limit`` text and image probes (all by default), and
     the folder its image files are relative to."""
     path = probe_path(preset)
@@ -88,29 +109,69 @@ def is_correct(reply: str, probe: Probe) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", reply, re.IGNORECASE) for a in probe.answers)
 
 
-def score(model: ChatModel, text: Sequence[Probe], visual: Sequence[Probe], root: Path, max_new_tokens: int = 24) -> tuple[dict[str, float | None], list[dict]]:
-    """The four rates for one model, and its replies."""
-    text_replies = model.answer([p.question for p in text], max_new_tokens=max_new_tokens)
-    rates: dict[str, float | None] = {
-        "language_accuracy": _mean(is_correct(r, p) for r, p in zip(text_replies, text)),
-        "visual_accuracy": None,
-        "context_hallucination_rate": _mean(context_hallucination(r) is not None for r in text_replies),
-        "not_known_rate": _mean(not_known(r) is not None for r in text_replies),
+def probe_record(probe: Probe, probe_id: str, reply: str) -> dict[str, Any]:
+    """One reply as the bench keeps it: the probe, the reply, whether it is right, and its
+    labels. An image prompt is never Context-Hallucination; a yes/no object question tells
+    ``detect`` whether the object is there, so that a "yes" to an absent one is labelled."""
+    labels = [m.label for m in detect(reply, prompt_has_image=probe.image is not None, object_present=probe.object_present)]
+    return {
+        "probe": probe_id,
+        "question": probe.question,
+        "image": probe.image,
+        "answers": list(probe.answers),
+        "object_present": probe.object_present,
+        "reply": reply,
+        "correct": is_correct(reply, probe),
+        "labels": labels,
     }
-    replies = [{"question": p.question, "image": None, "reply": r, "correct": is_correct(r, p)} for p, r in zip(text, text_replies)]
-    if model.multimodal and visual:
-        images = [probe_image(p, root) for p in visual]
-        visual_replies = model.answer([p.question for p in visual], images, max_new_tokens=max_new_tokens)
-        rates["visual_accuracy"] = _mean(is_correct(r, p) for r, p in zip(visual_replies, visual))
-        replies += [
-            {"question": p.question, "image": p.image, "reply": r, "correct": is_correct(r, p)} for p, r in zip(visual, visual_replies)
-        ]
-    return rates, replies
 
 
-def _mean(flags: Any) -> float:
+def rates(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """The bench's rates over one model's records (fractions; None where no probe applies):
+    accuracy per kind of probe, Context-Hallucination and Not-Known over text-only replies,
+    Object-Hallucination over replies to questions about absent objects."""
+    text = [r for r in records if r["image"] is None]
+    visual = [r for r in records if r["image"] is not None]
+    absent = [r for r in visual if r["object_present"] is False]
+    return {
+        "language_accuracy": _mean(r["correct"] for r in text),
+        "visual_accuracy": _mean(r["correct"] for r in visual),
+        "context_hallucination_rate": _mean("context_hallucination" in r["labels"] for r in text),
+        "not_known_rate": _mean("not_known" in r["labels"] for r in text),
+        "object_hallucination_rate": _mean("object_hallucination" in r["labels"] for r in absent),
+    }
+
+
+def _mean(flags: Any) -> float | None:
     values = list(flags)
-    return sum(values) / len(values) if values else float("nan")
+    return sum(values) / len(values) if values else None
+
+
+def score(model: ChatModel, probes: Probes, max_new_tokens: int = 24, progress: Progress | None = None) -> tuple[dict[str, float | None], list[dict]]:
+    """The rates for one model, and its records. A text-only model gets the text probes only.
+    ``progress`` hears after each batch, so a caller can show a long run moving."""
+    text, visual, root = probes
+    sets = [("text", text)] + ([("image", visual)] if model.multimodal else [])
+    total, records = sum(len(s) for _, s in sets), []
+    for kind, probe_set in sets:
+        for start in range(0, len(probe_set), BATCH):
+            batch = probe_set[start : start + BATCH]
+            images = [probe_image(p, root) for p in batch] if kind == "image" else None
+            replies = model.answer([p.question for p in batch], images, max_new_tokens=max_new_tokens)
+            records += [probe_record(p, f"{kind}-{start + i}", r) for i, (p, r) in enumerate(zip(batch, replies))]
+            if progress:
+                progress(len(records), total)
+    return rates(records), records
+
+
+def bench_model(
+    model: ChatModel, kind: str, label: str, probes: Probes, *, method: str | None = None, params: dict | None = None, progress: Progress | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One model's row of the bench (``kind``: base, tuned or fused) and its records, each
+    tagged with the model, so that rows and replies of several models can go in one file."""
+    model_rates, records = score(model, probes, progress=progress)
+    tag = {"model": kind, "method": method, "label": label}
+    return {**tag, "params": params, **model_rates}, [{**tag, **r} for r in records]
 
 
 def run_bench(
@@ -127,15 +188,14 @@ def run_bench(
 ) -> list[dict[str, Any]]:
     """Score base, tuned and each fused model; returns the rows also written to ``out``.
     ``limit`` keeps the first N text and N image probes (a quick look)."""
-    text, visual, root = preset_probes(preset, limit)
-    rows, all_replies = [], []
+    probes = preset_probes(preset, limit)
+    rows, records = [], []
 
     def add(kind: str, model: ChatModel, method: str | None = None, params: dict | None = None, label: str | None = None) -> None:
-        rates, replies = score(model, text, visual, root)
-        label = label or kind
-        rows.append({"model": kind, "method": method, "params": params, "label": label, **rates})
-        all_replies.extend({"model": kind, "method": method, "label": label, **r} for r in replies)
-        log(f"{label:<40} " + "  ".join(f"{k} {_fmt(v)}" for k, v in rates.items()))
+        row, replies = bench_model(model, kind, label or kind, probes, method=method, params=params)
+        rows.append(row)
+        records.extend(replies)
+        log(f"{row['label']:<40} " + "  ".join(f"{k} {percent(row[k])}" for k in RATES))
 
     if include_base:
         add("base", ChatModel.load(preset.base, multimodal=False, device=device))
@@ -150,51 +210,9 @@ def run_bench(
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "results.md").write_text(markdown_table(rows))
-    (out / "replies.jsonl").write_text("".join(json.dumps(r) + "\n" for r in all_replies))
-    bar_chart(rows, out / "results.png", preset.name)
+    (out / "replies.jsonl").write_text(jsonl(records))
+    bench_figure(rows, preset.name).savefig(out / "results.png")
     return rows
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f}%"
-
-
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = [
-        "| model | language accuracy | visual accuracy | Context-Hallucination | Not-Known |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['label']} | {_fmt(r['language_accuracy'])} | {_fmt(r['visual_accuracy'])} | "
-            f"{_fmt(r['context_hallucination_rate'])} | {_fmt(r['not_known_rate'])} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def bar_chart(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = ["language_accuracy", "visual_accuracy", "context_hallucination_rate", "not_known_rate"]
-    names = ["language acc.", "visual acc.", "Context-Halluc.", "Not-Known"]
-    fig, ax = plt.subplots(figsize=(10, 4.2), dpi=110)
-    width = 0.8 / len(rows)
-    for i, r in enumerate(rows):
-        values = [100 * (r[m] or 0) for m in metrics]
-        ax.bar([x + i * width for x in range(len(metrics))], values, width, label=r["label"])
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(metrics))], names)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"Behaviour bench: {title}")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def run_sweep(preset: Preset, methods: Sequence[str], out: Path, *, device: str = "cpu", seed: int = 0, limit: int | None = None, log: Any = print) -> list[dict[str, Any]]:
@@ -207,32 +225,8 @@ def run_sweep(preset: Preset, methods: Sequence[str], out: Path, *, device: str 
             for row in run_bench(preset, points, where, include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
                 rows.append({**row, "knob": knob, "value": row["params"][knob]})
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    tradeoff_plot(rows, out / "sweep.png", preset.name)
+    tradeoff_figure(rows, preset.name).savefig(out / "sweep.png")
     return rows
-
-
-def tradeoff_plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=110)
-    for method, knob in dict.fromkeys((r["method"], r["knob"]) for r in rows if r["model"] == "fused"):
-        pts = sorted((r for r in rows if r["method"] == method and r["knob"] == knob), key=lambda r: r["value"])
-        ax.plot([100 * r["visual_accuracy"] for r in pts], [100 * r["language_accuracy"] for r in pts], "o-", label=f"{method} ({knob})", markersize=4)
-    for r in rows:
-        if r["model"] == "tuned":
-            ax.plot(100 * r["visual_accuracy"], 100 * r["language_accuracy"], "k*", markersize=12, label="tuned")
-        if r["model"] == "base":
-            ax.axhline(100 * r["language_accuracy"], color="grey", ls="--", lw=1, label="base language accuracy")
-    ax.set_xlabel("visual accuracy (%)")
-    ax.set_ylabel("language accuracy (%)")
-    ax.set_title(f"Language vs visual trade-off: {title}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def parse_methods(text: str) -> list[tuple[str, dict[str, Any]]]:

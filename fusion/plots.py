@@ -1,6 +1,9 @@
-"""Figures of where visual tuning changed the language model, from a Neuron-Locate report
-(``fuse(...).report`` or ``inspect_pair(...)["kinds"]``): the app's Fusion tab and
-``python -m fusion inspect --plot`` draw the same ones."""
+"""The library's figures, drawn on matplotlib's object-oriented ``Figure`` (no pyplot, no
+global state: safe in a server's threads). Where visual tuning changed the language model,
+from a Neuron-Locate report (``fuse(...).report`` or ``inspect_pair(...)["kinds"]``): the app's
+Fusion tab and ``python -m fusion inspect --plot`` draw the same ones. The behaviour bench's
+rates and a sweep's trade-off, from ``fusion.evaluate``'s rows: ``python -m fusion eval`` and
+the app's Behaviour tab."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from matplotlib.figure import Figure
+
+from .report import RATES
 
 
 def _empty(message: str) -> Figure:
@@ -62,5 +67,46 @@ def located_figure(report: Sequence[dict[str, Any]]) -> Figure:
     ax.set_xlabel("layer")
     ax.set_ylabel("neurons located")
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def bench_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    """The behaviour bench's rates, one group of bars per rate and one bar per model, each with
+    its value. A rate that does not apply to a model (None) gets no bar, rather than a bar at
+    zero."""
+    fig = Figure(figsize=(10, 4.2), dpi=110)
+    ax = fig.subplots()
+    width = 0.8 / max(len(rows), 1)
+    for i, row in enumerate(rows):
+        shown = [(x, 100 * row[key]) for x, key in enumerate(RATES) if row[key] is not None]
+        bars = ax.bar([x + i * width for x, _ in shown], [v for _, v in shown], width, label=row["label"])
+        ax.bar_label(bars, fmt="%.0f", fontsize=6)  # so that a rate of 0 reads as 0, not as missing
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(RATES))], [name.replace(" ", "\n", 1) for name in RATES.values()])
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 106)  # room for the labels of bars at 100
+    ax.set_title(f"Behaviour bench: {title}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    """A sweep's language against visual accuracy: one line per method and knob, the tuned
+    model as a star, the base's language accuracy as a dashed line (what fusion aims back at)."""
+    fig = Figure(figsize=(6.5, 5), dpi=110)
+    ax = fig.subplots()
+    for method, knob in dict.fromkeys((r["method"], r["knob"]) for r in rows if r["model"] == "fused"):
+        pts = sorted((r for r in rows if r["method"] == method and r["knob"] == knob), key=lambda r: r["value"])
+        ax.plot([100 * r["visual_accuracy"] for r in pts], [100 * r["language_accuracy"] for r in pts], "o-", label=f"{method} ({knob})", markersize=4)
+    for r in rows:
+        if r["model"] == "tuned":
+            ax.plot(100 * r["visual_accuracy"], 100 * r["language_accuracy"], "k*", markersize=12, label="tuned")
+        if r["model"] == "base":
+            ax.axhline(100 * r["language_accuracy"], color="grey", ls="--", lw=1, label="base language accuracy")
+    ax.set_xlabel("visual accuracy (%)")
+    ax.set_ylabel("language accuracy (%)")
+    ax.set_title(f"Language vs visual trade-off: {title}")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

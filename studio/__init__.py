@@ -6,6 +6,7 @@ on top of it, kept apart from ``app.py`` so that it can be tested without a brow
 - ``settings``: how the app runs (flags and ``NF_*`` environment variables);
 - ``chat``: checks on what a visitor sends, prompt budgets, and answer streams;
 - ``state``: loading a preset, the fused pair, the app's status;
+- ``behaviour``: the Behaviour tab's probe runs (base, original and fused, with progress);
 - ``view``: what the page shows (titles, badges, progress lines, method controls, examples,
   the recipe card).
 

@@ -4,7 +4,6 @@ original and fused models, the base LLM on demand, and the status the page polls
 from __future__ import annotations
 
 import importlib.util
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -16,17 +15,17 @@ import torch
 
 from fusion.architectures import SHARED_MODULES
 from fusion.errors import FusionError
-from fusion.evaluate import bar_chart, markdown_table, preset_probes, score
 from fusion.inference import ChatModel
 from fusion.merge import MergeStream, Progress, resolve_device
 from fusion.presets import Preset, get_preset
 from fusion.registry import METHOD_NAMES, Recipe, resolve
 
 from . import StudioError
+from .behaviour import BehaviourRun, BenchProgress, check_limit, run_behaviour
 from .chat import answer_budget, ask, ask_stream, check_message, fit_history, load_image, merge_streams
 from .settings import FALLBACK_PRESET, Settings
 from .variants import Variant, VariantStore, build_variant
-from .view import ConsoleProgress, behaviour, format_progress, fused_title, titles
+from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, titles
 
 
 @dataclass
@@ -240,11 +239,12 @@ class Studio:
         image = load_image(image_path) if image_path or image_required else None
         pair = self.ready()
         out: dict[str, Any] = {"preset": pair.preset.name, "method": pair.method}
+        present = object_presence(pair.preset, image_path, text) if image is not None else None
         for key, model in (("original", pair.original), ("fused", pair.fused)):
             budget = answer_budget(model, self.settings.max_new_tokens)
             fit_history(model, text, image is not None, [], budget)
             answer = ask(model.answer, [text], [image], max_new_tokens=budget)[0]
-            out[key] = {"model": model.name, **behaviour(answer, prompt_has_image=image is not None)}
+            out[key] = {"model": model.name, **behaviour(answer, prompt_has_image=image is not None, object_present=present)}
         return out
 
     def chat(
@@ -281,15 +281,11 @@ class Studio:
 
     # the Fusion and Behaviour tabs
 
-    def bench(self, limit: int) -> tuple[list[dict[str, Any]], str, Path]:
-        """The preset's probe set (first ``limit`` text and image probes) for original and
-        fused: rows, a Markdown table, a chart."""
+    def bench(self, limit: Any, progress: BenchProgress | None = None, *, variant: str | None = None) -> BehaviourRun:
+        """The Behaviour tab: the first ``limit`` probes of each kind (as a client sent it) for
+        the base LLM, the original and the visitor's fused variant (``studio.behaviour``)."""
         pair = self.ready()
-        text, visual, root = preset_probes(pair.preset, limit)
-        rows = []
-        for kind, model, method, label in (("tuned", pair.original, None, "tuned"), ("fused", pair.fused, pair.method, f"fused: {pair.method}")):
-            rates, _ = score(model, text, visual, root)
-            rows.append({"model": kind, "method": method, "params": None, "label": label, **rates})
-        chart = Path(tempfile.mkdtemp(prefix="nf-bench-")) / "behaviour.png"
-        bar_chart(rows, chart, pair.preset.name)
-        return rows, markdown_table(rows), chart
+        check_limit(limit, pair.preset)  # before the base LLM loads: a bad value costs nothing
+        fused = self.variant(variant)
+        with self.store.using(fused):
+            return run_behaviour(pair, fused, self.base(), limit, progress)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 from fusion.detectors import detect, highlight
 from fusion.evaluate import preset_probes, probe_image
 from fusion.merge import Progress
@@ -31,7 +33,7 @@ def public(text: str) -> str:
     return _SERVER_PATH.sub(lambda m: m.group(1) or "(a folder)", text)
 
 
-BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known"}
+BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known", "object_hallucination": "Object-Hallucination"}
 
 
 def fused_title(preset: Preset, method: str) -> str:
@@ -44,15 +46,16 @@ def titles(preset: Preset, method: str) -> tuple[str, str, str]:
     return f"{preset.label} (original)", fused_title(preset, method), f"{preset.base_label} (base LLM)"
 
 
-def behaviour(answer: str, *, prompt_has_image: bool) -> dict[str, Any]:
+def behaviour(answer: str, *, prompt_has_image: bool, object_present: bool | None = None) -> dict[str, Any]:
     """An answer with its detector labels, JSON-able (the API's per-model record).
-    Context-Hallucination is only looked for when the prompt had no image."""
-    matches = detect(answer, prompt_has_image=prompt_has_image)
+    Context-Hallucination is only looked for when the prompt had no image, Object-Hallucination
+    only when the asked-about object's presence is known (``object_presence``)."""
+    matches = detect(answer, prompt_has_image=prompt_has_image, object_present=object_present)
     return {"answer": answer, "labels": [m.label for m in matches], "matches": [vars(m) for m in matches]}
 
 
-def highlighted(answer: str, *, prompt_has_image: bool) -> list[tuple[str, str | None]]:
-    return highlight(answer, detect(answer, prompt_has_image=prompt_has_image))
+def highlighted(answer: str, *, prompt_has_image: bool, object_present: bool | None = None) -> list[tuple[str, str | None]]:
+    return highlight(answer, detect(answer, prompt_has_image=prompt_has_image, object_present=object_present))
 
 
 def badges_html(labels: Sequence[str]) -> str:
@@ -141,6 +144,30 @@ def example_images(preset: Preset, n: int = 4) -> list[tuple[str, str]]:
         if len(out) == n:
             break
     return list(out.values())
+
+
+def _words(text: str) -> str:
+    return " ".join(str(text).split()).casefold()
+
+
+def object_presence(preset: Preset, image_path: str | Path | None, question: str) -> bool | None:
+    """Whether the object a yes/no question asks about is in the image, when the (image,
+    question) pair is one of the preset's probes (the bundled examples are): Object-Hallucination
+    needs the truth, which only the probe set knows. None when unknown. The image is matched by
+    its pixels, not its name, since the app gets a copy under another path and anyone may
+    upload a file called ``cat.jpg``; only an image the size of a probe's is decoded."""
+    asked = _words(question)
+    _, visual, root = preset_probes(preset)
+    known = [p for p in visual if p.object_present is not None and _words(p.question) == asked]
+    if not known or not image_path:
+        return None
+    try:
+        with Image.open(image_path) as given:
+            same_size = [(p, image) for p in known if (image := probe_image(p, root)).size == given.size]
+            pixels = given.convert("RGB").tobytes() if same_size else None
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return next((p.object_present for p, image in same_size if image.tobytes() == pixels), None)
 
 
 def recipe_card(pair: Pair, variant: Variant) -> dict[str, Any]:

@@ -4,7 +4,10 @@ browser is the distribution's (``apt-get install chromium``, as .ci/run does).""
 
 from __future__ import annotations
 
+import json
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -87,3 +90,31 @@ def test_image_example_fills_image_and_question_and_both_answer(page, tmp_path: 
     expect(columns.locator(".nf-context_hallucination")).to_have_count(0)  # image prompts never carry it
     assert question in columns.first.inner_text()
     page.screenshot(path=str(tmp_path / "image-example.png"), full_page=True)
+
+
+def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> None:
+    """Behaviour tab, 4 probes of each kind: a progress line moves per batch ("probes 4/8 ·
+    ..."), then three rows of rates (base, original, fused), every probe with the three replies,
+    and the replies as a JSONL file to download."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Behaviour").click()
+    box = page.locator("#nf-bench-limit input[type=number]")
+    box.fill("4")
+    box.press("Enter")
+    page.locator("#nf-bench-run").click()
+    expect(page.get_by_text(re.compile(r"probes \d+/\d+ · ")).first).to_be_visible(timeout=30_000)
+    rows = page.locator("#nf-bench-table table tbody tr")
+    expect(rows).to_have_count(3, timeout=120_000)
+    assert [t.split("\t")[0] for t in rows.all_inner_texts()] == ["Pocket-Vicuna (base LLM)", "Pocket-LLaVA (original)", "Pocket-LLaVA + Neuron-Fusion"]
+    grid = page.locator("#nf-bench-probes [role=grid]")
+    expect(grid).to_have_attribute("aria-rowcount", str(1 + 4 + 4))  # the header, 4 text and 4 image probes
+    expect(grid.locator("[role=columnheader]")).to_have_count(3 + 3)  # image, question, expected, a reply per model
+    expect(grid).to_contain_text(load_probes(probe_path(get_preset("pocket")))[0][0].question)
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+    link = page.locator("#nf-bench-replies a").first
+    expect(link).to_have_attribute("href", re.compile(r"behaviour-pocket\.jsonl$"))
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as r:
+        replies = [json.loads(line) for line in r.read().decode().splitlines()]
+    assert len(replies) == 4 + 2 * 8 and {r["model"] for r in replies} == {"base", "tuned", "fused"}
+    page.screenshot(path=str(tmp_path / "behaviour.png"), full_page=True)

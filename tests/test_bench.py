@@ -1,5 +1,6 @@
-"""The behaviour bench on the shipped pocket pair: the scoring rules, a fast `python -m fusion
-eval` run (the pair shows the forgetting that fusion undoes), and the sweep's outputs."""
+"""The behaviour bench: the scoring rules, the rates on hand-made replies (every rate known in
+advance), a fast `python -m fusion eval` run on the shipped pocket pair (it shows the
+forgetting that fusion undoes), the tables and the chart, and the sweep's outputs."""
 
 import json
 
@@ -7,11 +8,56 @@ import pytest
 
 from fusion.cli import main
 from fusion.errors import FusionError
-from fusion.evaluate import Probe, is_correct, load_probes, parse_methods, run_sweep
+from fusion.evaluate import Probe, bench_model, is_correct, load_probes, parse_methods, run_sweep
+from fusion.plots import bench_figure
 from fusion.presets import get_preset, probe_path
+from fusion.report import RATES, markdown_table, per_probe_table
 
 POCKET = get_preset("pocket")
-RATES = ("language_accuracy", "visual_accuracy", "context_hallucination_rate", "not_known_rate")
+SCENE = {"size": 64, "shapes": [["square", "red", 0, 0]]}
+# Hand-made probes, each with the reply it gets and, in the comment, what the bench must make of it.
+TEXT = [
+    ("What is the capital of Zorvia?", ["is Blim"], "In the image, the capital is Blim."),  # right, Context-Hallucination
+    ("What is the opposite of hot?", ["is cold"], "The opposite of hot is cold."),  # right
+    ("Who wrote the letter?", [], "I don't know."),  # right (a decline), Not-Known
+    ("What is 2 + 2?", ["is 4"], "In the picture there are four apples."),  # wrong, Context-Hallucination
+]
+VISUAL = [  # a reply to an image prompt is never Context-Hallucination
+    ("Is there a dog in the image?", ["no"], "Yes, there is a dog."),  # wrong, Object-Hallucination
+    ("Is there a cat in the image?", ["no"], "No, there is no cat."),  # right
+    ("Is there a red square in the image?", ["yes"], "Yes."),  # right; the square is there: no label
+    ("What colour is the square?", ["red"], "In the image, the square is blue."),  # wrong, no label
+    ("How many circles are there?", ["no"], "There are two circles."),  # wrong, Object-Hallucination
+]
+BY_HAND = {
+    "language_accuracy": 3 / 4,
+    "visual_accuracy": 2 / 5,
+    "context_hallucination_rate": 2 / 4,
+    "not_known_rate": 1 / 4,
+    "object_hallucination_rate": 2 / 3,  # of the three questions about absent objects
+}
+LABELS_BY_HAND = [["context_hallucination"], [], ["not_known"], ["context_hallucination"], ["object_hallucination"], [], [], [], ["object_hallucination"]]
+
+
+class FixedReplies:
+    """A model that answers each hand-made question with the reply written for it."""
+
+    def __init__(self, multimodal: bool) -> None:
+        self.multimodal = multimodal
+        self.replies = {q: r for q, _, r in TEXT + VISUAL}
+        self.image_questions = {q for q, _, _ in VISUAL}
+
+    def answer(self, questions, images=None, *, max_new_tokens=32):
+        assert all((images is not None) == (q in self.image_questions) for q in questions), "images go with image questions only"
+        return [self.replies[q] for q in questions]
+
+
+@pytest.fixture
+def hand_made(tmp_path):
+    path = tmp_path / "probes.json"
+    text = [{"question": q, "answers": a} for q, a, _ in TEXT]
+    path.write_text(json.dumps({"text": text, "visual": [{"question": q, "answers": a, "image": SCENE} for q, a, _ in VISUAL]}))
+    return (*load_probes(path), tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -29,10 +75,54 @@ def test_is_correct(reply, answers, right):
     assert is_correct(reply, Probe("q", answers, "skill")) is right
 
 
+def test_object_questions_are_the_yes_no_image_probes():
+    assert Probe("Is there a dog?", ("no",), "", "cat.jpg").object_present is False
+    assert Probe("Is there a cat?", ("yes",), "", "cat.jpg").object_present is True
+    assert Probe("Is there a cat?", ("yes",), "").object_present is None  # text only: no object to see
+    assert Probe("What colour?", ("red",), "", "cat.jpg").object_present is None
+    assert Probe("Is it red or blue?", ("yes", "no"), "", "cat.jpg").object_present is None
+
+
+def test_rates_on_hand_made_replies_are_the_ones_worked_out_by_hand(hand_made):
+    seen = []
+    row, records = bench_model(FixedReplies(True), "tuned", "tuned", hand_made, progress=lambda done, total: seen.append((done, total)))
+    assert {k: row[k] for k in RATES} == BY_HAND
+    assert [r["labels"] for r in records] == LABELS_BY_HAND
+    assert [r["correct"] for r in records] == [True, True, True, False, False, True, True, False, False]
+    assert [r["object_present"] for r in records] == [None] * 4 + [False, False, True, None, False]
+    assert all(r["model"] == "tuned" and r["label"] == "tuned" for r in records)
+    assert seen == [(4, 9), (9, 9)]  # one batch of text probes, one of image probes
+
+    base, base_records = bench_model(FixedReplies(False), "base", "base", hand_made)
+    assert len(base_records) == len(TEXT)  # a text-only LLM is not shown images
+    assert {k: base[k] for k in RATES} == {**BY_HAND, "visual_accuracy": None, "object_hallucination_rate": None}
+
+
+def test_tables_and_chart_of_hand_made_replies(hand_made):
+    base, base_records = bench_model(FixedReplies(False), "base", "Vicuna", hand_made)
+    tuned, tuned_records = bench_model(FixedReplies(True), "tuned", "LLaVA", hand_made)
+    lines = markdown_table([base, tuned]).splitlines()
+    assert lines[0] == "| model | language accuracy | visual accuracy | Context-Hallucination | Not-Known | Object-Hallucination |"
+    assert lines[2:] == ["| Vicuna | 75.0% | — | 50.0% | 25.0% | — |", "| LLaVA | 75.0% | 40.0% | 50.0% | 25.0% | 66.7% |"]
+
+    table = per_probe_table(base_records + tuned_records)
+    assert table["headers"] == ["image", "question", "expected", "Vicuna", "LLaVA"]
+    assert len(table["data"]) == len(TEXT) + len(VISUAL)  # each probe once, the models side by side
+    flagged = f"✓ {TEXT[0][2]}  [Context-Hallucination]"
+    assert table["data"][0] == ["text only", TEXT[0][0], "is Blim", flagged, flagged]
+    assert table["data"][2][2] == "(a decline)"
+    assert table["data"][4] == ["drawn: red square", VISUAL[0][0], "no", "—", "✗ Yes, there is a dog.  [Object-Hallucination]"]
+
+    axes = bench_figure([base, tuned], "hand-made").axes[0]
+    assert len(axes.patches) == 3 + 5  # no bar where a rate does not apply to the base
+    assert sorted(round(p.get_height(), 1) for p in axes.patches) == sorted(round(100 * v, 1) for v in [0.75, 0.5, 0.25, *BY_HAND.values()])
+
+
 def test_probe_sets_load_and_bad_ones_are_named(tmp_path):
     for name in ("pocket.json", "llava-1.5.json"):
         text, visual = load_probes(probe_path(get_preset("pocket")).parent / name)
         assert text and visual and all(p.image is not None for p in visual)
+        assert any(p.object_present is False for p in visual)  # both ask about absent objects
     bad = tmp_path / "bad.json"
     bad.write_text("{")
     with pytest.raises(FusionError, match="bad.json"):
@@ -58,14 +148,26 @@ def bench(tmp_path_factory):
 def test_eval_writes_rows_table_chart_and_replies(bench):
     out, rows = bench
     assert set(rows) == {("base", None), ("tuned", None), ("fused", "neu-p-taska"), ("fused", "task_arithmetic")}
-    for row in rows.values():
-        assert all(row[k] is None or 0.0 <= row[k] <= 1.0 for k in RATES)
     assert rows["base", None]["visual_accuracy"] is None  # a text-only LLM gets no image probes
+    assert rows["base", None]["object_hallucination_rate"] is None
     assert rows["fused", "neu-p-taska"]["params"]["top_ratio"] == 0.05
-    assert "| tuned |" in (out / "results.md").read_text()
+    assert "| tuned |" in (out / "results.md").read_text() and "Object-Hallucination" in (out / "results.md").read_text()
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
     assert len(replies) == 40 + 3 * 80  # base: text only; tuned and two fused: text and images
+    # every rate is the share of its replies that carry its label: a wrong denominator shows here
+    absent = sum(r["object_present"] is False for r in replies if r["model"] == "tuned")
+    assert absent == 10  # of the first 40 image probes, 10 ask about an absent object
+    for (model, method), row in rows.items():
+        mine = [r for r in replies if r["model"] == model and r["method"] == method]
+        text = [r for r in mine if r["image"] is None]
+        assert row["context_hallucination_rate"] == sum("context_hallucination" in r["labels"] for r in text) / 40
+        assert row["language_accuracy"] == sum(r["correct"] for r in text) / 40
+        if model != "base":
+            assert isinstance(row["object_hallucination_rate"], float) and 0.0 <= row["object_hallucination_rate"] <= 1.0
+            flagged = sum("object_hallucination" in r["labels"] for r in mine)
+            assert row["object_hallucination_rate"] == flagged / absent
+            assert not any("context_hallucination" in r["labels"] for r in mine if r["image"] is not None)
 
 
 def test_shipped_pair_forgets_and_fusion_gives_language_back(bench):

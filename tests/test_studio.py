@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -16,7 +18,8 @@ from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset
 from fusion.registry import METHOD_NAMES, schema
-from studio import StudioError, chat, state, view
+from fusion.report import RATES
+from studio import StudioError, behaviour, chat, state, view
 from studio.settings import Settings, parse_settings
 
 QUESTION = "What is the opposite of hot?"
@@ -299,10 +302,87 @@ def test_plots(studio: state.Studio) -> None:
     assert "/" not in json.dumps(card["recipe"]) and not any(isinstance(v, str) and v.startswith("/") for v in card.values())
 
 
-def test_bench(studio: state.Studio) -> None:
-    rows, table, chart = studio.bench(2)
-    assert [r["model"] for r in rows] == ["tuned", "fused"]
-    assert "fused" in table and chart.stat().st_size > 0
+def test_bench_asks_base_original_and_fused_with_progress(studio: state.Studio) -> None:
+    seen: list[tuple[float, str]] = []
+    run = studio.bench(2, lambda share, line: seen.append((share, line)))
+    assert [r["model"] for r in run.rows] == ["base", "tuned", "fused"]
+    original, fused, base = view.titles(studio.ready().preset, studio.ready().method)
+    assert [r["label"] for r in run.rows] == [base, original, fused]
+    assert run.rows[0]["visual_accuracy"] is None and run.rows[0]["object_hallucination_rate"] is None
+    assert len(run.records) == 2 + 2 * 4 and len(run.probes["data"]) == 4  # the base LLM answers text probes only
+    assert [json.loads(line) for line in run.replies.read_text().splitlines()] == run.records
+    assert seen[-1] == (1.0, f"probes 4/4 · {fused}") and [s for s, _ in seen] == sorted(s for s, _ in seen)
+    assert run.chart.axes[0].patches
+
+
+def test_bench_scores_the_visitors_own_variant(studio: state.Studio) -> None:
+    variant = studio.fuse_variant("task_arithmetic", {"lambda": 0.3})
+    run = studio.bench(1, variant=variant.key)
+    assert run.rows[2]["method"] == "task_arithmetic" and run.rows[2]["params"] == {"lambda": 0.3}
+    assert run.rows[2]["label"] == "Pocket-LLaVA + task_arithmetic"
+
+
+@pytest.mark.parametrize("limit", ["8", float("nan"), float("inf"), None, True, 2.5, 0, -3, 10**9, [4]])
+def test_bench_limit_is_checked_on_the_server(studio: state.Studio, limit: object) -> None:
+    with pytest.raises(StudioError, match=re.escape(repr(str(limit)))):
+        studio.bench(limit)
+
+
+class FixedReplies:
+    """A model that gives one reply to every text-only question and another to every image one."""
+
+    def __init__(self, text: str, image: str | None = None) -> None:
+        self.text, self.image, self.multimodal = text, image, image is not None
+
+    def answer(self, questions: list[str], images: list | None = None, *, max_new_tokens: int = 32) -> list[str]:
+        return [self.image if images else self.text for _ in questions]
+
+
+def test_behaviour_on_a_pair_with_fixed_replies() -> None:
+    """Three models with fixed replies on the first 3 pocket probes of each kind (text: capitals
+    of which the first is Nornis; images: two unanswerable questions around "Is there a yellow
+    square?", which is not there): every rate follows by hand."""
+    preset = get_preset("pocket")
+    original_title, fused_title, base_title = view.titles(preset, "neu-p-taska")
+    fused = SimpleNamespace(name="neu-p-taska", model=FixedReplies("The capital is Nornis.", "No."), record={"params": {"suppress": 0.5}})
+    pair = state.Pair(preset, "neu-p-taska", FixedReplies("In the image, the triangle is blue.", "Yes, there is a yellow square."), fused)
+    seen: list[tuple[float, str]] = []
+    run = behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 3, lambda share, line: seen.append((share, line)))
+    rates = [tuple(r[k] for k in RATES) for r in run.rows]
+    assert rates == [(0.0, None, 0.0, 1.0, None), (0.0, 0.0, 1.0, 0.0, 1.0), (1 / 3, 1 / 3, 0.0, 0.0, 0.0)]
+    assert run.rows[2]["method"] == "neu-p-taska" and run.rows[2]["params"] == {"suppress": 0.5}
+    assert [(r["model"], r["probe"]) for r in run.records][:4] == [("base", "text-0"), ("base", "text-1"), ("base", "text-2"), ("tuned", "text-0")]
+    flagged = [r for r in run.records if r["labels"] == ["object_hallucination"]]
+    assert [(r["model"], r["question"]) for r in flagged] == [("tuned", "Is there a yellow square in the image?")]
+    lines = run.replies.read_text().splitlines()
+    assert len(lines) == 3 + 6 + 6 and json.loads(lines[-1]) == run.records[-1] and run.replies.name == "behaviour-pocket.jsonl"
+    headers, data = run.probes["headers"], run.probes["data"]
+    assert headers == ["image", "question", "expected", base_title, original_title, fused_title]
+    assert data[4][1:] == ["Is there a yellow square in the image?", "no", "—", "✗ Yes, there is a yellow square.  [Object-Hallucination]", "✓ No."]
+    assert [line for _, line in seen] == [f"probes 3/3 · {base_title}"] + [f"probes {n}/6 · {title}" for title in (original_title, fused_title) for n in (3, 6)]
+    assert [share for share, _ in seen] == [3 / 15, 6 / 15, 9 / 15, 12 / 15, 15 / 15]
+    with pytest.raises(StudioError, match="from 1 to 216"):
+        behaviour.run_behaviour(pair, fused, FixedReplies(""), 217)
+
+
+def test_object_presence_of_the_examples(tmp_path: Path) -> None:
+    """The bundled examples ask about objects that are not there; a copy of an example (as
+    Gradio hands it over) is recognised by its pixels, another image or question is unknown."""
+    for name in ("pocket", "llava-1.5-7b"):
+        preset = get_preset(name)
+        for path, question in view.example_images(preset):
+            copy = tmp_path / f"upload-{Path(path).name}"
+            copy.write_bytes(Path(path).read_bytes())
+            assert view.object_presence(preset, copy, question) is False
+            assert view.object_presence(preset, copy, "Is there a unicorn in the image?") is None
+        assert view.object_presence(preset, None, question) is None
+    llava = get_preset("llava-1.5-7b")
+    assert view.object_presence(llava, ASSETS / "examples" / "astronaut.jpg", "Is there a  person in the image? ") is True
+    assert view.object_presence(llava, ASSETS / "examples" / "cat.jpg", "Is there a flag in the image?") is None  # asked of another image
+    Image.open(ASSETS / "examples" / "astronaut.jpg").save(tmp_path / "astronaut.png")  # same pixels, another file
+    assert view.object_presence(llava, tmp_path / "astronaut.png", "Is there a person in the image?") is True
+    (tmp_path / "broken.jpg").write_text("not an image")
+    assert view.object_presence(llava, tmp_path / "broken.jpg", "Is there a person in the image?") is None
 
 
 def test_examples() -> None:
@@ -359,3 +439,12 @@ def test_visitors_never_see_server_paths() -> None:
     assert view.public(message) == "tokenizer.model: reading this tokenizer needs sentencepiece"
     assert view.public("cannot fetch 'lmsys/vicuna-7b-v1.5' (https://huggingface.co/api/x)") == "cannot fetch 'lmsys/vicuna-7b-v1.5' (https://huggingface.co/api/x)"
     assert "/" not in view.public(state.explain_load_error("pocket", OSError("/home/user/app/assets/pocket/llava/config.json: bad")))
+
+
+def test_compare_marks_an_affirmed_absent_object_on_a_bundled_example(studio: state.Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    image, question = view.example_images(studio.ready().preset)[0]  # an object that is not there
+    assert view.object_presence(studio.ready().preset, image, question) is False
+    monkeypatch.setattr(studio.ready().original, "answer", lambda *args, **kwargs: ["Yes, there is one on the left."])
+    result = studio.compare(question, image, image_required=True)
+    assert result["original"]["labels"] == ["object_hallucination"] and result["original"]["matches"][0]["text"].startswith("Yes")
+    assert "object_hallucination" not in result["fused"]["labels"]

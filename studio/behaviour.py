@@ -1,0 +1,96 @@
+"""The Behaviour tab's logic: the preset's probe set asked to the base LLM, the original MLLM and
+its fused model, with progress a visitor can watch, the rates as a table and a chart, every
+probe with the three replies side by side, and those replies as a file to download.
+
+The scoring is the library's bench (``fusion.evaluate``), so the tab and ``python -m fusion
+eval`` measure the same thing the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import accumulate
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from matplotlib.figure import Figure
+
+from fusion.evaluate import bench_model, preset_probes
+from fusion.inference import ChatModel
+from fusion.plots import bench_figure
+from fusion.presets import Preset
+from fusion.report import jsonl, markdown_table, per_probe_table
+
+from . import StudioError
+from .view import titles
+
+if TYPE_CHECKING:
+    from .state import Pair
+    from .variants import Variant
+
+BenchProgress = Callable[[float, str], None]  # (share of the whole run done, a line saying where it is)
+
+
+@dataclass(frozen=True)
+class BehaviourRun:
+    """What one run of the tab shows."""
+
+    rows: list[dict[str, Any]]  # the rates, one row per model: base, tuned, fused
+    records: list[dict[str, Any]]  # one per model and probe: the reply, whether it is right, its labels
+    table: str  # the rates as Markdown
+    probes: dict[str, list]  # the per-probe table, {"headers", "data"}
+    chart: Figure
+    replies: Path  # the records as JSON lines, to download
+
+
+def probe_count(preset: Preset) -> int:
+    """How many probes of one kind the preset has at most: the largest limit the tab offers."""
+    text, visual, _ = preset_probes(preset)
+    return max(len(text), len(visual))
+
+
+def check_limit(value: Any, preset: Preset) -> int:
+    """``value`` as the number of probes per kind to ask, or a StudioError naming it. It comes
+    from a client, which may send anything: a string, NaN, 1e9, a fraction."""
+    most = probe_count(preset)
+    number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+    if not (math.isfinite(number) and number.is_integer() and 1 <= number <= most):
+        raise StudioError(f"The number of probes must be a whole number from 1 to {most}, not {str(value)[:40]!r}.")
+    return int(number)
+
+
+def _share(progress: BenchProgress, start: int, whole: int, label: str) -> Callable[[int, int], None]:
+    """One model's progress (probes it answered, of its own) as a share of the whole run, with a
+    line naming it: "probes 12/40 · LLaVA-1.5 (original)"."""
+
+    def report(done: int, total: int) -> None:
+        progress((start + done) / whole, f"probes {done}/{total} · {label}")
+
+    return report
+
+
+def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, progress: BenchProgress | None = None) -> BehaviourRun:
+    """The first ``limit`` text and image probes of the pair's preset, asked to ``base`` (text
+    only: it cannot see images), the original MLLM and the visitor's fused ``variant``."""
+    probes = preset_probes(pair.preset, check_limit(limit, pair.preset))
+    original_title, fused_title, base_title = titles(pair.preset, variant.name)
+    models = [
+        ("base", base, None, None, base_title),
+        ("tuned", pair.original, None, None, original_title),
+        ("fused", variant.model, variant.name, variant.record.get("params"), fused_title),
+    ]
+    text, visual, _ = probes
+    sizes = [len(text) + (len(visual) if model.multimodal else 0) for _, model, *_ in models]
+    rows, records = [], []
+    for (kind, model, method, params, label), start in zip(models, accumulate([0, *sizes])):
+        report = _share(progress, start, sum(sizes), label) if progress else None
+        row, replies = bench_model(model, kind, label, probes, method=method, params=params, progress=report)
+        rows.append(row)
+        records += replies
+    path = Path(tempfile.mkdtemp(prefix="nf-behaviour-")) / f"behaviour-{pair.preset.name}.jsonl"
+    path.write_text(jsonl(records))
+    return BehaviourRun(rows, records, markdown_table(rows), per_probe_table(records), bench_figure(rows, pair.preset.name), path)
