@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import FusionError
+from .output import json_text, os_error_line, writable_directory
 from .registry import ALIASES, METHOD_NAMES, METHODS, resolve, schema
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -146,7 +147,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     )
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump(report, f)
+            f.write(json_text(report))
     if args.plot:
         from .plots import curve_figure
 
@@ -168,10 +169,14 @@ def run_methods(_: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .evaluate import markdown_table, parse_methods, run_bench, run_sweep
+    from .evaluate import parse_methods, run_bench, run_sweep
     from .presets import get_preset
+    from .report import markdown_table
 
+    if args.limit is not None and args.limit < 1:
+        raise FusionError(f"--limit must be at least 1, got {args.limit}: it is how many text and image probes to use")
     preset, methods, out = get_preset(args.preset), parse_methods(args.methods), Path(args.out)
+    writable_directory(out)  # before minutes of scoring that end by writing there
     if args.sweep:
         run_sweep(preset, [m for m, _ in methods], out, device=args.device, seed=args.seed, limit=args.limit)
         print(f"sweep written to {out / 'sweep.json'} and {out / 'sweep.png'}")
@@ -202,6 +207,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "neuron-fusion") -> int:
         return commands[args.command](args)
     except FusionError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file the user named (--json, --plot) that cannot be written
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; nothing was left behind", file=sys.stderr)

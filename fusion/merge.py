@@ -2,18 +2,18 @@
 
 Inputs are memory-mapped (``fusion.checkpoint``), each output tensor is computed by a pure
 method from ``fusion.methods`` and handed to the streaming writer (``fusion.writer``), so
-peak memory is a few tensors whatever the model size. The output is assembled in a hidden
-sibling directory and renamed into place only when complete; any failure removes it.
+peak memory is a few tensors whatever the model size. Where the output is staged, who builds it,
+when an existing one is reused and how I/O failures are reported is ``fusion.output``'s part.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +25,13 @@ from . import __version__
 from .architectures import Family, detect_layout, family_for
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import FusionError
-from .neurons import NeuronKind, change_scores, describe, layer_of, neuron_kinds, top_fraction
+from .methods import NonFinite, Observer, check_finite, restore
+from .neurons import NeuronKind, SliceSums, describe, kind_scores, layer_of, neuron_kinds, score_power, slice_change, top_fraction
+from .output import RECIPE_FILE as RECIPE_FILE  # part of this module's interface
+from .output import claim, json_text
 from .registry import Recipe, as_recipe, resolve
 from .writer import Entry, ShardedWriter, plan_shards
 
-RECIPE_FILE = "fusion_recipe.json"
 REPORT_FILE = "neuron_report.json"
 DEFAULT_SHARD_BYTES = 4 << 30
 
@@ -152,45 +154,102 @@ class Sources:
         self.tuned, self.base = tuned, base
         self._planned = {p.base_name: p for p in plan if p.base_name}
 
+    def planned(self, base_name: str) -> Planned:
+        return self._planned[base_name]
+
     def pair(self, base_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         p = self._planned[base_name]
         b, t = self.base.get(base_name), self.tuned.get(p.name)
         return (b[: p.rows], t[: p.rows]) if p.rows else (b, t)
 
+    def guard(self, base_name: str, summary: torch.Tensor) -> None:
+        """FusionError naming the tensor, its checkpoint and file if an input of ``base_name`` holds
+        NaN or ±inf; ``summary`` is a sum of values both flow into (see methods.check_finite)."""
+        try:
+            check_finite(summary, self.pair(base_name))
+        except NonFinite as err:
+            raise self.nonfinite(base_name, err.which) from None
+
+    def nonfinite(self, base_name: str, which: int) -> FusionError:
+        """The error for NaN or ±inf in input ``which`` (0: the base, 1: the tuned model) of ``base_name``."""
+        checkpoint, name = (self.base, base_name) if which == 0 else (self.tuned, self._planned[base_name].name)
+        values = self.pair(base_name)[which]
+        bad = int(values.numel() - torch.isfinite(values).sum())
+        return FusionError(
+            f"tensor '{name}' of {checkpoint.ref} ({checkpoint.info(name).file.name}) holds {bad} NaN or infinite value(s) "
+            f"of {values.numel()}, which the merge would spread; to merge it anyway, pass --allow-nonfinite (allow_nonfinite=True)"
+        )
+
+
+# A merge of one tensor by its base-LLM name, with an observer of its blocks of Δ (or None).
+MergeOne = Callable[[str, Observer | None], torch.Tensor]
+
 
 class Locator:
-    """Neuron-Locate, lazily: a kind's neurons are scored on first use, on the CPU (so that CPU
-    and GPU merges locate the same neurons), and remembered with their report."""
+    """Neuron-Locate and Neuron-Restore, one neuron kind at a time.
 
-    def __init__(self, plan: list[Planned], sources: Sources, params: dict[str, Any]) -> None:
+    In a merge (``merged``), a kind's tensors are merged first, and their scores are summed from
+    the blocks of Δ that those merges compute anyway (``SliceSums``), so that each input is read
+    once, while it is in cache; then the kind's neurons are located and restored, and the merged
+    tensors wait here for their turn in the output (a layer's worth at most). Scores are computed
+    on the CPU in float32 so that CPU and GPU merges locate the same neurons: merging on a GPU,
+    they take a pass of their own (``locate``), as they do in ``inspect``.
+    """
+
+    def __init__(self, plan: list[Planned], sources: Sources, params: dict[str, Any], *, device: torch.device | None = None, check: bool = True) -> None:
         family = family_for(sources.tuned.text_config().get("model_type"))
         self.params = params
-        self.kinds = neuron_kinds(merged_shapes(plan), params["neuron_unit"], params["others"], family)
-        self._by_tensor = {m.tensor: (k, m.axis) for k in self.kinds for m in k.members}
+        self._shapes = merged_shapes(plan)
+        self.kinds = neuron_kinds(self._shapes, params["neuron_unit"], params["others"], family)
+        self._kind_of = {m.tensor: k for k in self.kinds for m in k.members}
         self._sources = sources
-        self._located: dict[NeuronKind, torch.Tensor] = {}
+        self._power = score_power(params["score_norm"])
+        self._scores_in_merge = device is None or device.type == "cpu"
+        self._check = check
+        self._waiting: dict[str, torch.Tensor] = {}
         self.report: list[dict[str, Any]] = []
 
-    def locate(self, kind: NeuronKind) -> torch.Tensor:
-        if kind not in self._located:
-            pairs = {m.tensor: self._sources.pair(m.tensor) for m in kind.members}
-            scores = change_scores(
-                kind,
-                {n: b for n, (b, _) in pairs.items()},
-                {n: [t] for n, (_, t) in pairs.items()},
-                self.params["score_norm"],
-                self.params["relative"],
-            )
-            self._located[kind] = top_fraction(scores, self.params["top_ratio"])
-            self.report.append(describe(kind, scores, self._located[kind]))
-        return self._located[kind]
+    def holds(self, base_name: str) -> bool:
+        """Whether the tensor belongs to a neuron kind."""
+        return base_name in self._kind_of
 
-    def neurons_of(self, base_name: str) -> tuple[int, torch.Tensor] | None:
-        """(axis, located indices) of a merged tensor, or None if it holds no neurons."""
-        if base_name not in self._by_tensor:
-            return None
-        kind, axis = self._by_tensor[base_name]
-        return axis, self.locate(kind)
+    def locate(self, kind: NeuronKind) -> torch.Tensor:
+        """Score a kind's neurons in a pass over its inputs and select the top ones."""
+        changes = []
+        for m in kind.members:
+            b, t = self._sources.pair(m.tensor)
+            changes.append(slice_change(b, [t], m.axis, self._power))
+            if self._check:
+                self._sources.guard(m.tensor, changes[-1].sum())
+        return self._select(kind, changes)
+
+    def merged(self, base_name: str, merge: MergeOne) -> torch.Tensor:
+        """The tensor merged by ``merge``, its located neurons restored; its whole kind is merged
+        and located when the first of its tensors is asked for."""
+        if base_name not in self._waiting:
+            self._waiting.update(self._merge_kind(self._kind_of[base_name], merge))
+        return self._waiting.pop(base_name)
+
+    def _merge_kind(self, kind: NeuronKind, merge: MergeOne) -> dict[str, torch.Tensor]:
+        if self._scores_in_merge:
+            sums = [SliceSums(self._shapes[m.tensor], m.axis, self._power) for m in kind.members]
+            merged = {m.tensor: merge(m.tensor, s.add) for m, s in zip(kind.members, sums)}
+            located = self._select(kind, [s.total for s in sums])
+        else:
+            merged = {m.tensor: merge(m.tensor, None) for m in kind.members}
+            located = self.locate(kind)
+        for m in kind.members:
+            b, t = self._sources.pair(m.tensor)
+            restore(merged[m.tensor], b, [t], (m.axis, located))
+        return merged
+
+    def _select(self, kind: NeuronKind, changes: list[torch.Tensor]) -> torch.Tensor:
+        """The located neurons of a kind from its members' slice sums; adds the kind's report."""
+        references = [slice_change(self._sources.pair(m.tensor)[0], None, m.axis, self._power) for m in kind.members] if self.params["relative"] else None
+        scores = kind_scores(changes, self._power, references)
+        located = top_fraction(scores, self.params["top_ratio"])
+        self.report.append(describe(kind, scores, located))
+        return located
 
 
 # --- identity, cache key, recipe -----------------------------------------------------------
@@ -232,18 +291,39 @@ def resolve_device(device: str) -> torch.device:
 # --- the merge ----------------------------------------------------------------------------
 
 
-def _merge_tensor(p: Planned, sources: Sources, recipe: Recipe, locator: Locator | None, device: torch.device) -> torch.Tensor:
-    """One output tensor: copied, or merged by the recipe's method (which, for Neuron-Fusion,
-    also restores the located neurons), with any extra vocabulary rows appended from the tuned model."""
+# Memory for an output tensor, by its name (ShardedWriter.buffer).
+Buffers = Callable[[str], torch.Tensor]
+
+
+def _merge_one(
+    base_name: str, observe: Observer | None, *, sources: Sources, recipe: Recipe, device: torch.device, check: bool, buffers: Buffers | None
+) -> torch.Tensor:
+    """The output tensor of one merged tensor: merged by the recipe's method (Neuron-Fusion: the
+    inner method only) on ``device``, in memory from ``buffers`` (else fresh), with the tuned
+    model's extra vocabulary rows copied after the merged ones. ``check``: NaN or ±inf in an
+    input is a FusionError naming it."""
+    p = sources.planned(base_name)
+    out = buffers(p.name) if buffers else torch.empty(p.shape, dtype=p.dtype, device=device)
+    b, t = (x.to(device) for x in sources.pair(base_name))
+    generator = torch.Generator().manual_seed(seed_for(recipe.seed, p.name)) if recipe.random else None
+    try:
+        recipe.merge(b, [t], generator, check=check, observe=observe, out=out[: p.rows] if p.rows else out)
+    except NonFinite as err:
+        raise sources.nonfinite(base_name, err.which) from None
+    if p.rows:
+        out[p.rows :] = sources.tuned.get(p.name)[p.rows :]
+    return out
+
+
+def _merge_tensor(
+    p: Planned, sources: Sources, recipe: Recipe, locator: Locator | None, device: torch.device, check: bool, buffers: Buffers | None = None
+) -> torch.Tensor:
+    """One output tensor: copied, or merged by the recipe's method (for Neuron-Fusion, with the
+    rest of its neuron kind, located and restored)."""
     if p.base_name is None:
         return sources.tuned.get(p.name)
-    b, t = (x.to(device) for x in sources.pair(p.base_name))
-    generator = torch.Generator().manual_seed(seed_for(recipe.seed, p.name)) if recipe.random else None
-    located = locator.neurons_of(p.base_name) if locator else None
-    merged = recipe.merge(b, [t], generator, located)
-    if p.rows:
-        merged = torch.cat([merged, sources.tuned.get(p.name)[p.rows :].to(device)])
-    return merged
+    merge = functools.partial(_merge_one, sources=sources, recipe=recipe, device=device, check=check, buffers=buffers)
+    return locator.merged(p.base_name, merge) if locator and locator.holds(p.base_name) else merge(p.base_name, None)
 
 
 class MergeStream:
@@ -251,17 +331,21 @@ class MergeStream:
 
     ``fuse`` writes the stream to a checkpoint; the app loads it straight into an in-memory
     copy of the original model, so a visitor's variant needs no disk. Opening checks the inputs
-    (architecture, shapes, recipe) before any tensor is computed.
+    (architecture, shapes, recipe) before any tensor is computed. NaN or ±inf in a merged input
+    is a FusionError naming it, unless ``allow_nonfinite``.
     """
 
-    def __init__(self, tuned_ref: str, base_ref: str, recipe: Recipe, *, device: str = "auto", allow_pickle: bool = True) -> None:
+    def __init__(
+        self, tuned_ref: str, base_ref: str, recipe: Recipe, *, device: str = "auto", allow_pickle: bool = True, allow_nonfinite: bool = False
+    ) -> None:
         self.recipe = recipe
         self.device = resolve_device(device)
+        self.check = not allow_nonfinite
         self.tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
         self.base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
         self.plan = plan_merge(self.tuned, self.base)
         self.sources = Sources(self.plan, self.tuned, self.base)
-        self.locator = Locator(self.plan, self.sources, recipe.params) if recipe.spec.locates_neurons else None
+        self.locator = Locator(self.plan, self.sources, recipe.params, device=self.device, check=self.check) if recipe.spec.locates_neurons else None
         self.record = recipe_record(recipe, self.tuned, self.base)
         self.key = cache_key(self.record, self.tuned, self.base)
         self.layout = detect_layout(self.tuned.keys())
@@ -271,33 +355,22 @@ class MergeStream:
         """What Neuron-Locate found, per layer and kind (complete once the stream is consumed)."""
         return self.locator.report if self.locator else []
 
-    def tensors(self, progress: ProgressFn | None = None, *, merged_only: bool = False, started: float | None = None) -> Iterator[tuple[Planned, torch.Tensor]]:
+    def tensors(
+        self, progress: ProgressFn | None = None, *, merged_only: bool = False, started: float | None = None, buffers: Buffers | None = None
+    ) -> Iterator[tuple[Planned, torch.Tensor]]:
         """(planned output, tensor) in output order; ``merged_only`` skips the tensors copied
-        unchanged from the tuned model (vision tower, projector)."""
+        unchanged from the tuned model (vision tower, projector). ``buffers`` gives the CPU memory
+        each merged tensor is computed in, merging on the CPU (the writer's recycled buffers:
+        the consumer must be done with a tensor before that memory is handed out again)."""
+        buffers = buffers if self.device.type == "cpu" else None
         start = time.perf_counter() if started is None else started
         plan = [p for p in self.plan if p.base_name or not merged_only]
         total, done = sum(p.nbytes for p in plan), 0
         for p in plan:
             if progress:
                 progress(Progress("merging", done, total, p.name, layer_of(p.base_name or ""), time.perf_counter() - start))
-            yield p, _merge_tensor(p, self.sources, self.recipe, self.locator, self.device)
+            yield p, _merge_tensor(p, self.sources, self.recipe, self.locator, self.device, self.check, buffers)
             done += p.nbytes
-
-
-def _prepare_out(out: Path, key: str) -> bool:
-    """True if ``out`` already holds this exact merge; FusionError if it holds anything else."""
-    if not out.exists():
-        return False
-    recipe_file = out / RECIPE_FILE
-    if recipe_file.is_file():
-        try:
-            if json.loads(recipe_file.read_text()).get("key") == key:
-                return True
-        except json.JSONDecodeError:
-            pass
-    if out.is_dir() and not any(out.iterdir()):
-        return False
-    raise FusionError(f"output directory {out} already exists and holds something else; choose another --out or remove it")
 
 
 def fuse(
@@ -313,6 +386,7 @@ def fuse(
     allow_pickle: bool = True,
     cache_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
+    allow_nonfinite: bool = False,
 ) -> FuseResult:
     """Merge ``tuned_ref`` toward ``base_ref`` with ``method`` and write a checkpoint that
     ``from_pretrained`` loads as it is.
@@ -323,27 +397,24 @@ def fuse(
     """
     start = time.perf_counter()
     recipe = as_recipe(method, params, seed)  # a method name and raw values are resolved here, once
-    stream = MergeStream(tuned_ref, base_ref, recipe, device=device, allow_pickle=allow_pickle)
+    stream = MergeStream(tuned_ref, base_ref, recipe, device=device, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     plan, tuned, record, key = stream.plan, stream.tuned, stream.record, stream.key
+    cached = out is None
     if out is None:
         root = Path(cache_dir or os.environ.get("NEURON_FUSION_CACHE") or Path.home() / ".cache" / "neuron-fusion")
         out = root / key[:24]
-    out = Path(out)
-    if _prepare_out(out, key):
-        recorded = json.loads((out / RECIPE_FILE).read_text())
-        report_file = out / REPORT_FILE
+    slot = claim(Path(out), key, cached=cached)  # locked, checked, verified; see fusion.output
+    if slot.recipe is not None:
+        report_file = slot.out / REPORT_FILE
         report = json.loads(report_file.read_text())["kinds"] if report_file.is_file() else []
-        return FuseResult(out, True, recorded, report, time.perf_counter() - start)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
+        return FuseResult(slot.out, True, slot.recipe, report, time.perf_counter() - start)
+    staging = slot.staging
     entries = [Entry(p.name, p.shape, p.dtype) for p in plan]
     metadata = {"format": "pt", "fusion_recipe": json.dumps(record, sort_keys=True)}
     writer = ShardedWriter(staging, plan_shards(entries, shard_bytes), metadata)
     total = sum(p.nbytes for p in plan)
     try:
-        for p, tensor in stream.tensors(progress, started=start):
+        for p, tensor in stream.tensors(progress, started=start, buffers=writer.buffer):
             writer.write(p.name, tensor)
         if progress:
             progress(Progress("writing", total, total, elapsed=time.perf_counter() - start))
@@ -351,32 +422,31 @@ def fuse(
         for sidecar in tuned.sidecar_files():
             shutil.copyfile(sidecar, staging / sidecar.name)
         report = stream.report
-        (staging / RECIPE_FILE).write_text(json.dumps({**record, "key": key}, indent=2) + "\n")
         if report:
-            (staging / REPORT_FILE).write_text(json.dumps({"recipe": record, "kinds": report}) + "\n")
-        if out.exists():
-            out.rmdir()  # an empty directory, checked by _prepare_out
-        os.rename(staging, out)
-    except BaseException:
+            (staging / REPORT_FILE).write_text(json_text({"recipe": record, "kinds": report}) + "\n")
+        recorded = slot.publish({**record, "key": key})
+    except BaseException as err:
         writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        slot.abandon(err)  # removes the staging directory and raises again, an OSError as one line
     seconds = time.perf_counter() - start
     if progress:
         progress(Progress("done", total, total, elapsed=seconds))
-    return FuseResult(out, False, {**record, "key": key}, report, seconds)
+    return FuseResult(slot.out, False, recorded, report, seconds)
 
 
-def inspect_pair(tuned_ref: str, base_ref: str, params: dict[str, Any] | Recipe | None = None, *, allow_pickle: bool = True) -> dict[str, Any]:
+def inspect_pair(
+    tuned_ref: str, base_ref: str, params: dict[str, Any] | Recipe | None = None, *, allow_pickle: bool = True, allow_nonfinite: bool = False
+) -> dict[str, Any]:
     """Neuron-Locate over a whole pair without merging: per layer and kind, how many neurons,
-    how many located, score quantiles and the sorted score curve (``python -m fusion inspect``)."""
+    how many located, score quantiles and the sorted score curve (``python -m fusion inspect``).
+    NaN or ±inf in an input is a FusionError naming it, unless ``allow_nonfinite``."""
     recipe = params if isinstance(params, Recipe) else resolve("neuron_fusion", params)
     if not recipe.spec.locates_neurons:
         raise FusionError(f"inspect locates neurons: it needs a Neuron-Fusion recipe, not one for '{recipe.method}'")
     tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
     base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
     plan = plan_merge(tuned, base)
-    locator = Locator(plan, Sources(plan, tuned, base), recipe.params)
+    locator = Locator(plan, Sources(plan, tuned, base), recipe.params, check=not allow_nonfinite)
     for kind in locator.kinds:
         locator.locate(kind)
     kinds = locator.report

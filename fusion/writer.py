@@ -3,7 +3,8 @@
 ``safetensors.torch.save_file`` needs every tensor of a shard in memory at once; a merge must
 not hold more than a few. Since every output tensor's name, shape and dtype are known before
 merging starts, each shard's header can be written first and the data appended in order. Writes
-run on a background thread so that disk I/O overlaps the next tensor's arithmetic.
+run on a background thread so that disk I/O overlaps the next tensor's arithmetic, and the
+memory of a written tensor can be handed out again (``buffer``) for a later one to be computed in.
 """
 
 from __future__ import annotations
@@ -92,11 +93,39 @@ class ShardedWriter:
         self.metadata = dict(metadata)
         self.names = shard_names(len(shards))
         self._order = [(i, e) for i, shard in enumerate(shards) for e in shard]
+        self._entries = {e.name: e for _, e in self._order}
         self._next = 0
+        # at most this many tensors wait to be written: enough to keep the disk busy while the
+        # next is computed, few enough that waiting tensors stay a small part of peak memory
         self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(maxsize=2)
+        self._lock = threading.Lock()
+        self._lent: set[int] = set()  # data pointers of the buffers handed out and not yet written
+        self._free: dict[int, list[torch.Tensor]] = {}  # written buffers by size in bytes, as uint8
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name="safetensors-writer", daemon=True)
         self._thread.start()
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """Uninitialised CPU memory, in the planned shape and dtype of entry ``name``, for that
+        tensor to be computed in and then passed to ``write`` (after which it is the writer's).
+
+        It is the memory of an earlier tensor of the same size once that one is written, when
+        there is one: a tensor in fresh memory pays a page fault per 4 KiB (several µs each on a
+        virtual machine: seconds over a model), and the allocator hands a large tensor's memory
+        back to the system as soon as it is freed."""
+        entry = self._entries[name]
+        with self._lock:
+            free = self._free.get(entry.nbytes)
+            raw = free.pop() if free else torch.empty(entry.nbytes, dtype=torch.uint8)
+            self._lent.add(raw.data_ptr())
+        return raw.view(entry.dtype).view(entry.shape)
+
+    def _recycle(self, tensor: torch.Tensor) -> None:
+        """Take back the memory of a written tensor if it is a buffer this writer lent."""
+        with self._lock:
+            if tensor.data_ptr() in self._lent:
+                self._lent.discard(tensor.data_ptr())
+                self._free.setdefault(tensor.nbytes, []).append(tensor.reshape(-1).view(torch.uint8))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Queue the next tensor; it must be the next planned entry, with its shape and dtype."""
@@ -108,7 +137,7 @@ class ShardedWriter:
                 f"writer expected {entry.name} {entry.shape} {entry.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
         self._next += 1
-        self._queue.put((shard, tensor.detach().to("cpu").contiguous()))
+        self._queue.put((shard, tensor.detach().to("cpu").contiguous()))  # no copy for a contiguous CPU tensor
 
     def close(self) -> None:
         """Wait for the writes to finish, check that every entry was written, write the index."""
@@ -151,10 +180,14 @@ class ShardedWriter:
                     handle = open(self.directory / self.names[shard], "wb")
                     handle.write(_header(self.shards[shard], self.metadata))
                 handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+                self._recycle(tensor)
         except BaseException as err:  # reported to the producer on its next call
             self._error = err
             while self._queue.get() is not None:
                 pass
         finally:
             if handle:
-                handle.close()
+                try:
+                    handle.close()
+                except OSError as err:  # a full disk may refuse the last buffered bytes only now
+                    self._error = self._error or err

@@ -104,3 +104,74 @@ def test_console_script_is_the_cli_and_returns_its_status(capsys):
     listed = "\n" + capsys.readouterr().out
     names = ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread")
     assert all(f"\n{name}:" in listed for name in names)
+
+
+# --- the output and eval's checks: one line, exit 2, before any work -----------------------
+
+
+@pytest.mark.parametrize(
+    "limit, out, fragment",
+    [("0", "results", "--limit must be at least 1, got 0"), ("-2", "results", "--limit must be at least 1, got -2"),
+     ("1", "file/results", "is a file, in the way of the directory")],
+)
+def test_eval_checks_limit_and_out_before_any_scoring(tmp_path, limit, out, fragment):
+    (tmp_path / "file").write_text("x")
+    run = cli("eval", "--preset", "pocket", "--methods", "ties", "--limit", limit, "--out", str(tmp_path / out))
+    assert run.returncode == 2 and run.stdout == ""  # no model was scored
+    assert run.stderr.startswith("error: ") and fragment in run.stderr and len(run.stderr.splitlines()) == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_eval_creates_its_out_first(tmp_path, monkeypatch):
+    import fusion.evaluate
+    from fusion.cli import main
+
+    def scored(preset, methods, out, **kwargs):
+        assert out.is_dir()  # made and proven writable before the scoring
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusion.evaluate, "run_bench", scored)
+    assert main(["eval", "--preset", "pocket", "--methods", "ties", "--out", str(tmp_path / "new" / "results")]) == 130
+    assert [p.name for p in (tmp_path / "new" / "results").iterdir()] == []  # the probe file is gone
+
+
+@pytest.mark.parametrize("make, out, fragment", [
+    (lambda tmp: (tmp / "link").symlink_to(tmp), "link", "is a symbolic link"),
+    (lambda tmp: (tmp / "file").write_text("x"), "file/fused", "is a file, in the way of the directory"),
+])
+def test_merge_into_an_unusable_out_is_one_line(pair, tmp_path, make, out, fragment):
+    make(tmp_path)
+    before = sorted(tmp_path.iterdir())
+    run = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / out))
+    assert run.returncode == 2 and run.stderr.startswith("error: ") and fragment in run.stderr and len(run.stderr.splitlines()) == 1
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_two_merges_into_one_out_at_once_both_succeed(pair, tmp_path):
+    merge = [sys.executable, "-m", "fusion", "merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties",
+             "--out", str(tmp_path / "fused"), "--quiet"]
+    procs = [subprocess.Popen(merge, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [(*p.communicate(timeout=300), p.returncode) for p in procs]
+    assert [rc for _, _, rc in runs] == [0, 0] and not any("Traceback" in err for _, err, _ in runs)
+    assert sorted("already there" in out for out, _, _ in runs) == [False, True]
+
+
+def test_inspect_json_is_strict_and_a_bad_path_is_one_line(pair, tmp_path, monkeypatch, capsys):
+    import fusion.merge
+    from fusion.cli import main
+
+    real = fusion.merge.inspect_pair
+
+    def with_nan(*args, **kwargs):  # NaN weights give NaN scores
+        report = real(*args, **kwargs)
+        report["kinds"][0]["quantiles"] = dict.fromkeys(report["kinds"][0]["quantiles"], float("nan"))
+        return report
+
+    monkeypatch.setattr(fusion.merge, "inspect_pair", with_nan)
+    inspect = ["inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--json"]
+    assert main([*inspect, str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda word: pytest.fail(f"{word} is not JSON"))
+    assert set(report["kinds"][0]["quantiles"].values()) == {None}
+    capsys.readouterr()
+    assert main([*inspect, str(tmp_path / "no" / "r.json")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no' / 'r.json'}: No such file or directory\n"

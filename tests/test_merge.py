@@ -2,8 +2,15 @@
 key layouts, loading with transformers, untouched vision weights, determinism, caching, and
 every error case leaving no output behind."""
 
+import builtins
+import errno
 import json
+import os
 import struct
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +20,7 @@ from safetensors.torch import load_file
 from fusion.checkpoint import open_checkpoint
 from fusion.errors import FusionError
 from fusion.merge import RECIPE_FILE, REPORT_FILE, fuse, inspect_pair
+from fusion.output import damage
 from tiny_models import BASE_VOCAB, IMAGE_TOKEN, build_pair, load_llava, write_checkpoint
 
 LAYOUTS = ["llava", "llava-nested", "llm"]
@@ -345,3 +353,229 @@ def test_failure_midway_removes_the_partial_output(fresh, tmp_path, monkeypatch)
     monkeypatch.setattr(fusion.merge, "_merge_tensor", failing)
     expect_error(tmp_path, fresh.tuned, fresh.base, "disk full")
     assert len(calls) == 6
+
+
+# --- the output: verified reuse, leftovers of killed merges, one builder, one-line I/O errors --
+
+
+def assert_complete(result, reference: Path) -> None:
+    """``result`` holds every file its recipe records, with its size, and the same tensors as the
+    ``reference`` output."""
+    recipe = json.loads((result.path / RECIPE_FILE).read_text())
+    assert damage(result.path, recipe["files"]) is None
+    assert set(recipe["files"]) | {RECIPE_FILE} == {p.name for p in result.path.iterdir()}
+    out, expected = tensors(result.path), tensors(reference)
+    assert out.keys() == expected.keys() and all(torch.equal(out[k], expected[k]) for k in out)
+
+
+def tree(root: Path) -> list[str]:
+    """Everything under ``root``, hidden files included: what a failure must leave as it was."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize("where", ["out", "cache"])
+@pytest.mark.parametrize("harm", ["truncate", "delete"])
+def test_damaged_output_is_rebuilt_not_served(fresh, tmp_path, where, harm, caplog):
+    target = {"out": tmp_path / "out"} if where == "out" else {"cache_dir": tmp_path / "cache"}
+    first = fuse(str(fresh.tuned), str(fresh.base), "ties", shard_bytes=SMALL_SHARDS, **target)
+    (tmp_path / "reference").mkdir()
+    for file in first.path.iterdir():
+        (tmp_path / "reference" / file.name).write_bytes(file.read_bytes())
+    shard = sorted(first.path.glob("*.safetensors"))[1]
+    if harm == "truncate":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    else:
+        shard.unlink()
+    with caplog.at_level("WARNING", logger="fusion"):
+        again = fuse(str(fresh.tuned), str(fresh.base), "ties", shard_bytes=SMALL_SHARDS, **target)
+    assert not again.reused and again.path == first.path
+    assert any(shard.name in r.getMessage() and "building it again" in r.getMessage() for r in caplog.records)
+    assert_complete(again, tmp_path / "reference")
+    load_llava(again.path)
+    assert fuse(str(fresh.tuned), str(fresh.base), "ties", shard_bytes=SMALL_SHARDS, **target).reused
+
+
+@pytest.mark.parametrize("other", ["foreign-file", "no-file-list"])
+def test_damaged_output_holding_other_files_is_left_to_its_owner(fresh, tmp_path, other):
+    out = fuse(str(fresh.tuned), str(fresh.base), "ties", {}, tmp_path / "out", shard_bytes=SMALL_SHARDS).path
+    if other == "foreign-file":
+        sorted(out.glob("*.safetensors"))[0].unlink()
+        (out / "notes.txt").write_text("mine")
+    else:  # as written before outputs listed their files
+        recipe = json.loads((out / RECIPE_FILE).read_text())
+        (out / RECIPE_FILE).write_text(json.dumps({k: v for k, v in recipe.items() if k != "files"}))
+    before = tree(out)
+    with pytest.raises(FusionError, match="unverified .* and files its recipe does not list") as err:
+        fuse(str(fresh.tuned), str(fresh.base), "ties", {}, out, shard_bytes=SMALL_SHARDS)
+    assert str(out) in str(err.value) and tree(out) == before
+
+
+KILLED_MERGE = """
+import sys, time
+from fusion.merge import fuse
+
+def pause(progress):
+    if progress.done:  # the first tensor is on its way to disk
+        print("paused", flush=True)
+        time.sleep(600)
+
+fuse(sys.argv[1], sys.argv[2], "ties", {}, sys.argv[3], shard_bytes=24_000, progress=pause)
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["beside", "inside-existing-dir"])
+def test_merge_killed_midway_leaves_nothing_the_next_merge_does_not_remove(fresh, tmp_path, existing):
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MERGE, str(fresh.tuned), str(fresh.base), str(out)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        assert proc.stdout.readline() == "paused\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    staged = list((out if existing else tmp_path).glob(".out.partial-*"))
+    assert len(staged) == 1 and json.loads((staged[0] / ".owner.json").read_text())["pid"] == proc.pid
+    result = fuse(str(fresh.tuned), str(fresh.base), "ties", {}, out, shard_bytes=SMALL_SHARDS)
+    assert not result.reused and not staged[0].exists()
+    assert not [p.name for p in (*tmp_path.iterdir(), *out.iterdir()) if p.name.startswith(".")]  # nor the lock
+    reference = fuse(str(fresh.tuned), str(fresh.base), "ties", {}, tmp_path / "reference", shard_bytes=SMALL_SHARDS)
+    assert_complete(result, reference.path)
+
+
+@pytest.mark.parametrize("where", ["out", "cache"])
+def test_concurrent_merges_of_one_output_build_it_once(fresh, tmp_path, where):
+    target = {"out": tmp_path / "out"} if where == "out" else {"cache_dir": tmp_path / "cache"}
+    start, results, errors = threading.Barrier(2), [], []
+
+    def merge():
+        start.wait()
+        try:  # a slow merge, so the second one arrives while the first is building
+            results.append(fuse(str(fresh.tuned), str(fresh.base), "ties", shard_bytes=SMALL_SHARDS, progress=lambda p: time.sleep(0.01), **target))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=merge) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(r.reused for r in results) == [False, True] and results[0].path == results[1].path
+    assert not [p.name for p in results[0].path.parent.iterdir() if p.name.startswith(".")]  # no staging, no lock
+
+
+def test_merge_into_an_existing_empty_directory_keeps_that_directory(fresh, tmp_path, monkeypatch):
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    inode, real_rename = mount.stat().st_ino, os.rename
+
+    def rename(src, dst, *args, **kwargs):  # a mount point cannot be renamed over
+        if Path(dst) == mount:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(dst))
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    result = fuse(str(fresh.tuned), str(fresh.base), "ties", {}, mount, shard_bytes=SMALL_SHARDS)
+    assert result.path == mount and mount.stat().st_ino == inode
+    assert not [p.name for p in (*tmp_path.iterdir(), *mount.iterdir()) if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert_complete(result, fuse(str(fresh.tuned), str(fresh.base), "ties", {}, tmp_path / "reference", shard_bytes=SMALL_SHARDS).path)
+
+
+def refuse_opening(monkeypatch, code: int, where) -> None:
+    """Opening a file for which ``where(path)`` holds fails with ``code``, as on a read-only or
+    full disk (as root, file modes stop nothing)."""
+    real = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and where(Path(file)):
+            raise OSError(code, os.strerror(code), str(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded)
+
+
+def read_only(monkeypatch, directory: Path) -> None:
+    """``directory`` takes no new files: mode 0o555 (undone by the test), and as root, whom modes
+    do not stop, a simulated EROFS."""
+    directory.chmod(0o555)
+    if os.geteuid() == 0:
+        refuse_opening(monkeypatch, errno.EROFS, lambda path: path.is_relative_to(directory))
+
+
+class _FullOnClose:
+    """A shard whose last buffered bytes the disk refuses: only ``close`` fails."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+
+    def write(self, data) -> int:
+        return self.handle.write(data)
+
+    def close(self) -> None:
+        self.handle.close()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_on_last_close(monkeypatch, tmp: Path) -> None:
+    """The last output shard fails as it is closed, after the writer's loop: an error there must
+    not be lost (the output would be published as complete)."""
+    real = builtins.open
+
+    def opening(file, mode="r", *args, **kwargs):
+        handle = real(file, mode, *args, **kwargs)
+        parts = Path(file).stem.split("-")  # model-0000i-of-0000n
+        last = Path(file).name == "model.safetensors" or (len(parts) == 4 and parts[1] == parts[3])
+        return _FullOnClose(handle) if "w" in mode and last and tmp in Path(file).parents else handle
+
+    monkeypatch.setattr(builtins, "open", opening)
+
+
+IO_FAILURES = {
+    # case: (how, out below tmp_path, what the message says)
+    "read-only": (lambda tmp, mp: read_only(mp, tmp / "ro"), "ro/out", ("Read-only file system", "Permission denied")),
+    "disk-full": (lambda tmp, mp: refuse_opening(mp, errno.ENOSPC, lambda path: path.suffix == ".safetensors" and tmp in path.parents), "out",
+                  ("No space left",)),
+    "disk-full-on-close": (lambda tmp, mp: full_on_last_close(mp, tmp), "out", ("No space left",)),
+    "name-too-long": (lambda tmp, mp: None, "n" * 300, ("File name too long",)),
+    "symlink": (lambda tmp, mp: (tmp / "link").symlink_to(tmp / "ro"), "link", ("is a symbolic link",)),
+    "file-in-the-way": (lambda tmp, mp: (tmp / "file").write_text("x"), "file", ("is a file, not a directory",)),
+    "file-in-the-way-of-parent": (lambda tmp, mp: (tmp / "file").write_text("x"), "file/out", ("is a file, in the way",)),
+}
+
+
+@pytest.mark.parametrize("case", IO_FAILURES)
+def test_io_failures_are_one_line_naming_the_path_and_leave_nothing(fresh, tmp_path, monkeypatch, case):
+    how, name, reasons = IO_FAILURES[case]
+    (tmp_path / "ro").mkdir()
+    how(tmp_path, monkeypatch)
+    out, before = tmp_path / name, tree(tmp_path)
+    try:
+        with pytest.raises(FusionError) as err:
+            fuse(str(fresh.tuned), str(fresh.base), "ties", {}, out, shard_bytes=SMALL_SHARDS)
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    message = str(err.value)
+    assert "\n" not in message and str(out) in message and any(r in message for r in reasons), message
+    assert tree(tmp_path) == before
+
+
+def test_reports_are_strict_json_even_with_nan_weights(fresh, tmp_path):
+    tuned = open_checkpoint(str(fresh.tuned))
+    weights = {k: tuned.get(k).clone() for k in tuned.keys()}
+    weights["language_model.model.layers.0.mlp.up_proj.weight"][3, 0] = float("nan")
+    write_checkpoint(tmp_path / "nan", weights, tuned.config)
+    result = fuse(str(tmp_path / "nan"), str(fresh.base), "neu-p-taska", {}, tmp_path / "out", allow_nonfinite=True)
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} is not JSON"))
+
+    kinds = strict((result.path / REPORT_FILE).read_text())["kinds"]
+    nan_kind = next(k for k in kinds if k["layer"] == 0 and k["kind"] == "ffn")
+    assert nan_kind["sum_sq"] is None and None in nan_kind["quantiles"].values()  # NaN scores, written as null
+    strict((result.path / RECIPE_FILE).read_text())
+    assert fuse(str(tmp_path / "nan"), str(fresh.base), "neu-p-taska", {}, tmp_path / "out", allow_nonfinite=True).report == kinds

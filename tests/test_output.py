@@ -1,0 +1,68 @@
+"""``fusion.output`` in small pieces: strict JSON, which staging directories count as abandoned,
+and the target's lock. The same behaviour end to end, through ``fuse`` and the CLI, is in
+test_merge.py and test_cli.py."""
+
+import fcntl
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fusion.output import OWNER_FILE, json_text, lock_path, release_lock, remove_abandoned, take_lock
+
+
+def test_json_text_writes_non_finite_floats_as_null():
+    report = {"kinds": [{"quantiles": {"0.5": float("nan"), "1.0": float("inf")}, "curve": [[1, -float("inf")], (2, 0.5)]}], "n": 3}
+    text = json_text(report)
+    assert json.loads(text, parse_constant=lambda word: pytest.fail(f"{word} is not JSON")) == {
+        "kinds": [{"quantiles": {"0.5": None, "1.0": None}, "curve": [[1, None], [2, 0.5]]}],
+        "n": 3,
+    }
+
+
+def staged(place, name: str, owner: dict | None):
+    directory = place / name
+    directory.mkdir()
+    (directory / "model.safetensors").write_bytes(b"x" * 100)
+    if owner is not None:
+        (directory / OWNER_FILE).write_text(json.dumps(owner))
+    return directory
+
+
+def test_only_staging_directories_of_dead_merges_are_removed(tmp_path):
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    here = socket.gethostname()
+    out = tmp_path / "out"
+    removed = [
+        staged(tmp_path, ".out.partial-dead", {"pid": dead, "host": here}),
+        staged(tmp_path, ".other.partial-dead", {"pid": dead, "host": here}),  # another target's, dead too
+        staged(tmp_path, ".out.partial-noowner", None),  # ours, killed before its owner file was written
+    ]
+    kept = [
+        staged(tmp_path, ".out.partial-live", {"pid": os.getpid(), "host": here}),
+        staged(tmp_path, ".out.partial-elsewhere", {"pid": dead, "host": here + "-other"}),  # cannot tell from here
+        staged(tmp_path, ".other.partial-noowner", None),  # another target's, maybe being created right now
+    ]
+    remove_abandoned(out)
+    assert [d.exists() for d in removed] == [False] * 3 and [d.exists() for d in kept] == [True] * 3
+
+
+def test_lock_is_exclusive_and_leaves_no_file(tmp_path):
+    out = tmp_path / "out"
+    first = take_lock(out)
+    with open(lock_path(out)) as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(take_lock(out)))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # waiting for the first holder
+    release_lock(out, first)
+    waiter.join(10)
+    assert got and os.fstat(got[0].fileno()).st_ino == lock_path(out).stat().st_ino  # holds the file now at the path
+    release_lock(out, got[0])
+    assert list(tmp_path.iterdir()) == []
