@@ -1,15 +1,22 @@
 """Merge benchmark: speed and memory of every method on a synthetic pair, next to the I/O floor.
 
-    python benchmarks/bench_merge.py                      # ~1.1B parameters, TinyLlama shape
-    python benchmarks/bench_merge.py --layers 4           # a smaller pair, same widths
+    python benchmarks/bench_merge.py                        # ~1.1B parameters, TinyLlama shape, fp16
+    python benchmarks/bench_merge.py --size 3b              # ~3B: the same layer shapes, 64 layers
+    python benchmarks/bench_merge.py --layers 4             # a small pair, same widths
     python benchmarks/bench_merge.py --mergekit /path/to/venv   # also time mergekit's ties
 
-It writes a base/tuned pair (bf16 safetensors, plain Llama layout so other tools read it too)
-under --dir, warms the page cache, then runs each merge as its own process (``python -m fusion
-merge``) while sampling that process's /proc status every 10 ms. Figures printed per run: wall
-time (process start to exit, imports included), parameters per second, peak RSS, and peak
-RssAnon (anonymous memory: what the merge itself holds, as file-backed mmap pages of the
-inputs do not count). The I/O floor is ``cp`` of the tuned checkpoint's bytes.
+It writes a base/tuned pair (safetensors, plain Llama layout so other tools read it too) under
+--dir, then runs each merge as its own process (``python -m fusion merge``) with both inputs
+warm in the page cache, sampling that process's /proc status every 10 ms. Figures per run: wall
+time (process start to exit, imports included), × the I/O floor, parameters per second, peak
+RSS, and peak RssAnon (anonymous memory: what the merge itself holds, as file-backed mmap pages
+of the inputs do not count).
+
+The I/O floor is the fastest the same bytes can move in the same conditions, measured in the
+same run: ``cp`` of the base checkpoint's files to the output disk (a merge writes that many
+bytes) plus reading every tuned file with a warm page cache (a merge reads both inputs, warm),
+the fastest of ``--floor-repeats`` repetitions. A cold ``cp`` of one model would flatter every
+method by charging the floor for disk reads that the merges never pay.
 """
 
 from __future__ import annotations
@@ -31,7 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusion.writer import Entry, ShardedWriter, plan_shards  # noqa: E402
 
 TINYLLAMA = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
+# --size: TinyLlama's shape, and the same layer shapes with more layers (2.95 B parameters), so
+# that time and memory per parameter can be compared across model sizes
+SIZES = {"1.1b": TINYLLAMA, "3b": {**TINYLLAMA, "layers": 64}}
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ["task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion"]
+READ_BLOCK = 1 << 24
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -57,7 +69,7 @@ def llama_shapes(hidden: int, intermediate: int, layers: int, heads: int, kv_hea
     return shapes
 
 
-def write_pair(root: Path, size: dict[str, int]) -> tuple[Path, Path, int]:
+def write_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Path, Path, int]:
     """Base: N(0, 0.02); tuned: base + N(0, 0.002), with 2% of FFN neurons changed 10x more
     (a heavy-tailed change, like visual instruction tuning's)."""
     shapes = llama_shapes(**size)
@@ -76,9 +88,9 @@ def write_pair(root: Path, size: dict[str, int]) -> tuple[Path, Path, int]:
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
-    entries = [Entry(n, s, torch.bfloat16) for n, s in shapes.items()]
+    entries = [Entry(n, s, dtype) for n, s in shapes.items()]
     gen = torch.Generator().manual_seed(0)
     writers = {}
     for which in ("base", "tuned"):
@@ -90,8 +102,8 @@ def write_pair(root: Path, size: dict[str, int]) -> tuple[Path, Path, int]:
         change = torch.randn(shape, generator=gen).mul_(0.002)
         if name.endswith(("gate_proj.weight", "up_proj.weight")):
             change[torch.rand(shape[0], generator=gen) < 0.02] *= 10
-        writers["base"].write(name, base.to(torch.bfloat16))
-        writers["tuned"].write(name, base.add_(change).to(torch.bfloat16))
+        writers["base"].write(name, base.to(dtype))
+        writers["tuned"].write(name, base.add_(change).to(dtype))
     for w in writers.values():
         w.close()
     return root / "base", root / "tuned", params
@@ -137,65 +149,104 @@ def _children(pid: int) -> list[int]:
     return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
 
 
-def warm(directory: Path) -> None:
-    """Read every file once so that all runs start with the inputs in the page cache."""
-    for f in directory.iterdir():
-        with open(f, "rb") as h:
-            while h.read(1 << 24):
+def read_all(directory: Path) -> None:
+    """Read every file of ``directory`` once into one reused buffer: with the files in the page
+    cache this is the cheapest way to move their bytes through user space, and it warms the cache."""
+    buffer = bytearray(READ_BLOCK)
+    for f in sorted(directory.iterdir()):
+        with open(f, "rb", buffering=0) as h:
+            while h.readinto(buffer):
                 pass
 
 
-def mergekit_ties(venv: Path, base: Path, tuned: Path, out: Path) -> list[str]:
+def fresh_output(out: Path) -> None:
+    """An empty output directory, with earlier writes flushed so that no run pays for another's."""
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(["sync"], check=True)
+
+
+def io_floor(base: Path, tuned: Path, out: Path, repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` runs of: ``cp`` the base files into ``out`` (the bytes a merge
+    writes), then read every tuned file warm (the bytes a merge reads besides the base, which
+    ``cp`` already read). Both inputs are read once first, as before every merge."""
+    read_all(base)
+    read_all(tuned)
+    best: dict[str, float] | None = None
+    for _ in range(repeats):
+        fresh_output(out)
+        out.mkdir(parents=True)
+        start = time.perf_counter()
+        subprocess.run(["cp", *map(str, sorted(base.iterdir())), str(out)], check=True)
+        copied = time.perf_counter()
+        read_all(tuned)
+        done = time.perf_counter()
+        if best is None or done - start < best["wall_s"]:
+            best = {"wall_s": done - start, "cp_s": copied - start, "read_s": done - copied}
+    assert best is not None
+    return best
+
+
+def mergekit_ties(venv: Path, base: Path, tuned: Path, out: Path, dtype: str) -> list[str]:
     config = out.parent / "mergekit-ties.yml"
     config.write_text(
         f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {tuned}\n    parameters:\n"
-        "      density: 0.2\n      weight: 1.0\ndtype: bfloat16\n"
+        f"      density: 0.2\n      weight: 1.0\ndtype: {dtype}\n"
     )
     return [str(venv / "bin" / "mergekit-yaml"), str(config), str(out), "--no-cuda", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
+
+
+def print_row(row: dict[str, object]) -> None:
+    print(
+        f"{row['run']:<22} {row['wall_s']:>8.2f} {row['x_floor']:>8.2f} {row['params_per_s'] / 1e6:>9.0f} "
+        f"{row['peak_rss'] / 2**30:>13.2f} {row['peak_anon'] / 2**30:>14.2f}",
+        flush=True,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="bench-data", help="where the pair and outputs go (default: ./bench-data)")
-    parser.add_argument("--layers", type=int, default=TINYLLAMA["layers"], help="decoder layers (22: ~1.1B parameters)")
+    parser.add_argument("--size", choices=SIZES, default="1.1b", help="1.1b: TinyLlama's shape; 3b: the same layers, 64 of them")
+    parser.add_argument("--layers", type=int, help="decoder layers instead of the size's (a quick, small pair)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float16", help="storage dtype of the pair (default float16)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run")
+    parser.add_argument("--floor-repeats", type=int, default=3, help="repetitions of the I/O floor; the fastest counts")
     parser.add_argument("--mergekit", type=Path, help="a venv holding mergekit: also time its ties on the same pair")
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args()
 
+    size = {**SIZES[args.size], **({"layers": args.layers} if args.layers else {})}
     root = Path(args.dir).resolve()
     t0 = time.perf_counter()
-    base, tuned, params = write_pair(root / f"pair-{args.layers}L", {**TINYLLAMA, "layers": args.layers})
-    print(f"pair: {params / 1e9:.3f} B parameters, bf16, under {base.parent} (ready in {time.perf_counter() - t0:.0f} s)", flush=True)
+    base, tuned, params = write_pair(root / f"pair-{size['layers']}L-{args.dtype}", size, DTYPES[args.dtype])
+    print(f"pair: {params / 1e9:.3f} B parameters, {args.dtype}, under {base.parent} (ready in {time.perf_counter() - t0:.0f} s)", flush=True)
     out = root / "out"
-    runs: list[tuple[str, list[str], dict[str, str] | None]] = [("copy (I/O floor)", ["cp", "-r", str(tuned), str(out)], None)]
+    runs: list[tuple[str, list[str], dict[str, str] | None]] = []
     for method in args.methods.split(","):
         cmd = [sys.executable, "-m", "fusion", "merge", "--tuned", str(tuned), "--base", str(base), "--method", method, "--out", str(out), "--device", "cpu", "--quiet"]
         runs.append((method, cmd, None))
     if args.mergekit:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        runs.append(("mergekit 0.1.5 ties", mergekit_ties(args.mergekit, base, tuned, out), env))
+        runs.append(("mergekit 0.1.5 ties", mergekit_ties(args.mergekit, base, tuned, out, args.dtype), env))
 
-    results = []
+    floor = io_floor(base, tuned, out, args.floor_repeats)
+    print(f"I/O floor: {floor['wall_s']:.2f} s = cp of the base {floor['cp_s']:.2f} s + warm read of the tuned {floor['read_s']:.2f} s", flush=True)
     print(f"{'run':<22} {'wall s':>8} {'x floor':>8} {'Mparam/s':>9} {'peak RSS GiB':>13} {'peak anon GiB':>14}", flush=True)
-    floor = None
+    floor_row = {"run": "I/O floor", **floor, "x_floor": 1.0, "params_per_s": params / floor["wall_s"], "peak_rss": 0, "peak_anon": 0}
+    print_row(floor_row)
+    results = [floor_row]
     for name, cmd, env in runs:
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run(["sync"], check=True)
-        warm(base)
-        warm(tuned)
+        fresh_output(out)
+        read_all(base)
+        read_all(tuned)
         r = run_measured(cmd, env)
-        floor = floor or r["wall_s"]
-        row = {"run": name, "wall_s": r["wall_s"], "x_floor": r["wall_s"] / floor, "params_per_s": params / r["wall_s"], "peak_rss": r["peak_rss"], "peak_anon": r["peak_anon"]}
+        row = {"run": name, "wall_s": r["wall_s"], "x_floor": r["wall_s"] / floor["wall_s"], "params_per_s": params / r["wall_s"]}
+        row |= {"peak_rss": r["peak_rss"], "peak_anon": r["peak_anon"]}
         results.append(row)
-        print(
-            f"{name:<22} {row['wall_s']:>8.2f} {row['x_floor']:>8.2f} {row['params_per_s'] / 1e6:>9.0f} "
-            f"{row['peak_rss'] / 2**30:>13.2f} {row['peak_anon'] / 2**30:>14.2f}",
-            flush=True,
-        )
+        print_row(row)
     shutil.rmtree(out, ignore_errors=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"parameters": params, "layers": args.layers, "results": results}, indent=2))
+        Path(args.json).write_text(json.dumps({"parameters": params, "size": size, "dtype": args.dtype, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ A *neuron* is a slice of one or more weight matrices that rises and falls togeth
 - query/key neurons: rows of ``q_proj``/``k_proj`` (with their bias entries, as in Qwen2).
 
 Neuron-Locate scores each neuron by the norm of its change and keeps the top fraction within
-each layer and kind. Scores are computed in row blocks straight from the (memory-mapped)
-checkpoint tensors, so no float32 copy of a whole matrix is made.
+each layer and kind. Scores are accumulated in row blocks (``SliceSums``), so no float32 copy of
+a whole matrix is made: either straight from the (memory-mapped) checkpoint tensors
+(``slice_change``), or from the blocks of Δ that a merge computes anyway (``fusion.merge``).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from torch import Tensor
 from .architectures import LLAMA, SUPPORTED_MODEL_TYPES, Family
 from .errors import FusionError
 from .methods import count_for
+from .sparsify import Reused, row_blocks
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-_BLOCK_ELEMENTS = 1 << 20
 _CURVE_POINTS = 64
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
@@ -132,27 +133,53 @@ def neuron_kinds(shapes: Mapping[str, Sequence[int]], unit: str = "tied", others
     return kinds
 
 
+class SliceSums:
+    """Σ |x|^power over each slice along ``axis`` (rows for 0, columns for 1) of a tensor of
+    ``shape``, accumulated one row block at a time, in float32.
+
+    Blocks must come in the order and partition of ``fusion.sparsify.row_blocks``: column sums
+    add up block partials, so the same partition gives the same bits whether the blocks come
+    from ``slice_change`` or from a merge that computes them anyway."""
+
+    def __init__(self, shape: Sequence[int], axis: int, power: int, device: torch.device | str = "cpu") -> None:
+        self.axis, self.power = axis, power
+        self.width = math.prod(shape[1:])
+        self.total = torch.zeros(shape[axis] if len(shape) > 1 else shape[0], dtype=torch.float32, device=device)
+        self._powers = Reused()
+
+    def add(self, rows: slice, block: Tensor) -> None:
+        """Add one row block (float32, left unchanged)."""
+        x = (torch.abs if self.power == 1 else torch.square)(block, out=self._powers.like(block)).reshape(-1, self.width)
+        if self.axis == 0:
+            self.total[rows] += x.sum(1)
+        else:
+            self.total += x.sum(0)
+
+
 def slice_change(base: Tensor, tuned: Sequence[Tensor] | None, axis: int, power: int) -> Tensor:
     """Σ |Δ|^power over each slice along ``axis`` (rows for 0, columns for 1) of Δ = Σ_t θ_t − θ_base,
     or of θ_base itself when ``tuned`` is None. float32, walked in row blocks."""
-    rows_total = base.shape[0]
-    width = base[0].numel() if rows_total else 0
-    out = torch.zeros(base.shape[axis] if base.dim() > 1 else rows_total, dtype=torch.float32, device=base.device)
-    block = max(1, _BLOCK_ELEMENTS // max(width, 1))
-    for start in range(0, rows_total, block):
-        b = base[start : start + block].float().reshape(-1, width)
+    sums = SliceSums(base.shape, axis, power, base.device)
+    for rows in row_blocks(base.shape):
+        b = base[rows].float()
         if tuned is None:
-            d = b.abs() if power == 1 else b.square()
-        else:
-            d = tuned[0][start : start + block].float().reshape(-1, width) - b
-            for t in tuned[1:]:
-                d += t[start : start + block].float().reshape(-1, width) - b
-            d = d.abs_() if power == 1 else d.square_()
-        if axis == 0:
-            out[start : start + block] += d.sum(1)
-        else:
-            out += d.sum(0)
-    return out
+            sums.add(rows, b)
+            continue
+        d = tuned[0][rows].float() - b
+        for t in tuned[1:]:
+            d += t[rows].float() - b
+        sums.add(rows, d)
+    return sums.total
+
+
+def kind_scores(changes: Sequence[Tensor], power: int, references: Sequence[Tensor] | None = None) -> Tensor:
+    """A kind's scores from its members' ``slice_change`` sums: the norm of each neuron's Δ
+    over all its parameters, divided by the norm of the same base parameters when
+    ``references`` (the members' sums of θ_base) are given."""
+    total = sum(changes)
+    if references is not None:
+        total = total / sum(references).clamp_min(1e-12)
+    return total.sqrt_() if power == 2 else total
 
 
 def change_scores(
@@ -164,12 +191,15 @@ def change_scores(
 ) -> Tensor:
     """Neuron-Locate's score: the norm of each neuron's Δ over all its parameters, divided by
     the norm of the same base parameters when ``relative``."""
-    power = 2 if score_norm == "l2" else 1
-    total = sum(slice_change(base[m.tensor], tuned[m.tensor], m.axis, power) for m in kind.members)
-    if relative:
-        reference = sum(slice_change(base[m.tensor], None, m.axis, power) for m in kind.members)
-        total = total / reference.clamp_min(1e-12)
-    return total.sqrt_() if power == 2 else total
+    power = score_power(score_norm)
+    changes = [slice_change(base[m.tensor], tuned[m.tensor], m.axis, power) for m in kind.members]
+    references = [slice_change(base[m.tensor], None, m.axis, power) for m in kind.members] if relative else None
+    return kind_scores(changes, power, references)
+
+
+def score_power(score_norm: str) -> int:
+    """The power of |Δ| that a score norm sums: 2 for l2, 1 for l1."""
+    return 2 if score_norm == "l2" else 1
 
 
 def top_fraction(scores: Tensor, ratio: float) -> Tensor:
