@@ -71,8 +71,10 @@ def main() -> None:
         shoot(page, out / "text-chat.png")
 
         tab(page, "Fusion")
+        page.get_by_label("method").click()
+        page.get_by_role("option", name="neu-p-bread", exact=True).click()
         page.get_by_role("button", name="Fuse").click()
-        expect(page.get_by_text("the fused columns now use it")).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("your fused columns now use it")).to_be_visible(timeout=60_000)
         shoot(page, out / "fusion.png")
 
         tab(page, "Behaviour")
