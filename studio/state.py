@@ -204,7 +204,7 @@ class Studio:
             if (known := self.store.get(stream.key)) is not None:
                 return known
             self.store.make_room(pair.default.nbytes)
-            console = self._progress("fusing a variant")
+            console = ConsoleProgress(self.log)  # the console only: the page's status line is everyone's
 
             def report(p: Progress) -> None:
                 console(p)
@@ -213,7 +213,6 @@ class Studio:
 
             variant = build_variant(pair.original, stream, fused_title(pair.preset, method), method, report)
             self.store.put(variant)
-        self.status.message = f"ready: {pair.preset.name} ({pair.method})"
         self.log(f"[studio] variant {method} built in {variant.seconds:.1f} s; store: {len(self.store)} variants, {self.store.nbytes / 2**20:.0f} MiB")
         return variant
 

@@ -220,7 +220,9 @@ def test_a_visitors_variant_is_their_own(studio: state.Studio) -> None:
     seen: list[Progress] = []
     pair = studio.ready()
     default_answer = pair.fused.answer([QUESTION])[0]
+    status = studio.status.as_dict()
     variant = studio.fuse_variant("ties", {"density": 0.5}, seen.append)
+    assert studio.status.as_dict() == status  # the page's status line is everyone's: a visitor's Fuse leaves it alone
     assert variant.name == "ties" and variant.report == [] and variant.record["params"]["density"] == 0.5
     assert variant.model.name == "Pocket-LLaVA + ties" and seen and seen[-1].stage == "merging"
     assert studio.ready().fused is pair.fused and studio.variant(None) is pair.default  # nobody else's model changed
