@@ -8,15 +8,20 @@
 It writes a base/tuned pair (safetensors, plain Llama layout so other tools read it too) under
 --dir, then runs each merge as its own process (``python -m fusion merge``) with both inputs
 warm in the page cache, sampling that process's /proc status every 10 ms. Figures per run: wall
-time (process start to exit, imports included), × the I/O floor, parameters per second, peak
-RSS, and peak RssAnon (anonymous memory: what the merge itself holds, as file-backed mmap pages
-of the inputs do not count).
+time (process start to exit, imports included; the fastest of ``--repeats``), × the I/O floor,
+parameters per second, peak RSS, and peak RssAnon (anonymous memory: what the merge itself
+holds, as file-backed mmap pages of the inputs do not count; the largest of the repeats).
 
 The I/O floor is the fastest the same bytes can move in the same conditions, measured in the
 same run: ``cp`` of the base checkpoint's files to the output disk (a merge writes that many
 bytes) plus reading every tuned file with a warm page cache (a merge reads both inputs, warm),
 the fastest of ``--floor-repeats`` repetitions. A cold ``cp`` of one model would flatter every
 method by charging the floor for disk reads that the merges never pay.
+
+Same conditions also means the same memory: on a virtual machine, memory the guest has left idle
+for a few seconds is taken back by the host, and writing 2 GiB into it took 5.1 s here against
+0.4 s right after a file of that size was deleted. So every timed run, the floor's included,
+starts right after the previous run's output is deleted (a first, untimed floor run primes it).
 """
 
 from __future__ import annotations
@@ -159,31 +164,37 @@ def read_all(directory: Path) -> None:
                 pass
 
 
-def fresh_output(out: Path) -> None:
-    """An empty output directory, with earlier writes flushed so that no run pays for another's."""
-    shutil.rmtree(out, ignore_errors=True)
+def settle(out: Path, inputs: list[Path]) -> None:
+    """What every timed run starts from: the previous output flushed to disk (so that no run pays
+    for another's writes), the inputs warm in the page cache, and then, just before the run, the
+    previous output deleted, so that its memory is fresh in the guest (see the module's notes)."""
     subprocess.run(["sync"], check=True)
+    for directory in inputs:
+        read_all(directory)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def copy_and_read(base: Path, tuned: Path, out: Path) -> dict[str, float]:
+    """One run of the I/O floor: ``cp`` the base files into ``out`` (the bytes a merge writes),
+    then read every tuned file warm (the bytes a merge reads besides the base, which ``cp`` read)."""
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run(["cp", *map(str, sorted(base.iterdir())), str(out)], check=True)
+    copied = time.perf_counter()
+    read_all(tuned)
+    done = time.perf_counter()
+    return {"wall_s": done - start, "cp_s": copied - start, "read_s": done - copied}
 
 
 def io_floor(base: Path, tuned: Path, out: Path, repeats: int) -> dict[str, float]:
-    """The fastest of ``repeats`` runs of: ``cp`` the base files into ``out`` (the bytes a merge
-    writes), then read every tuned file warm (the bytes a merge reads besides the base, which
-    ``cp`` already read). Both inputs are read once first, as before every merge."""
-    read_all(base)
-    read_all(tuned)
-    best: dict[str, float] | None = None
+    """The fastest of ``repeats`` floor runs, after one untimed run that primes the memory."""
+    settle(out, [base, tuned])
+    copy_and_read(base, tuned, out)
+    runs = []
     for _ in range(repeats):
-        fresh_output(out)
-        out.mkdir(parents=True)
-        start = time.perf_counter()
-        subprocess.run(["cp", *map(str, sorted(base.iterdir())), str(out)], check=True)
-        copied = time.perf_counter()
-        read_all(tuned)
-        done = time.perf_counter()
-        if best is None or done - start < best["wall_s"]:
-            best = {"wall_s": done - start, "cp_s": copied - start, "read_s": done - copied}
-    assert best is not None
-    return best
+        settle(out, [base, tuned])
+        runs.append(copy_and_read(base, tuned, out))
+    return min(runs, key=lambda r: r["wall_s"])
 
 
 def mergekit_ties(venv: Path, base: Path, tuned: Path, out: Path, dtype: str) -> list[str]:
@@ -211,6 +222,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="storage dtype of the pair (default float16)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run")
     parser.add_argument("--floor-repeats", type=int, default=3, help="repetitions of the I/O floor; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=1, help="repetitions of each merge; the fastest counts")
     parser.add_argument("--mergekit", type=Path, help="a venv holding mergekit: also time its ties on the same pair")
     parser.add_argument("--json", help="write the figures to this file too")
     args = parser.parse_args()
@@ -236,12 +248,13 @@ def main() -> None:
     print_row(floor_row)
     results = [floor_row]
     for name, cmd, env in runs:
-        fresh_output(out)
-        read_all(base)
-        read_all(tuned)
-        r = run_measured(cmd, env)
-        row = {"run": name, "wall_s": r["wall_s"], "x_floor": r["wall_s"] / floor["wall_s"], "params_per_s": params / r["wall_s"]}
-        row |= {"peak_rss": r["peak_rss"], "peak_anon": r["peak_anon"]}
+        measured = []
+        for _ in range(args.repeats):
+            settle(out, [base, tuned])
+            measured.append(run_measured(cmd, env))
+        wall = min(r["wall_s"] for r in measured)
+        row = {"run": name, "wall_s": wall, "x_floor": wall / floor["wall_s"], "params_per_s": params / wall}
+        row |= {"peak_rss": max(r["peak_rss"] for r in measured), "peak_anon": max(r["peak_anon"] for r in measured)}
         results.append(row)
         print_row(row)
     shutil.rmtree(out, ignore_errors=True)

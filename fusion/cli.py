@@ -56,6 +56,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="refuse pickle .bin weights (by default they are read with torch.load(weights_only=True), tensors only)",
     )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="go on when a merged tensor holds NaN or infinite values (by default that is an error naming the tensor)",
+    )
 
 
 def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
@@ -119,6 +124,7 @@ def run_merge(args: argparse.Namespace) -> int:
             shard_bytes=args.shard_size,
             allow_pickle=args.allow_pickle,
             progress=progress,
+            allow_nonfinite=args.allow_nonfinite,
         )
     finally:
         if bar is not None:
@@ -131,7 +137,9 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_inspect(args: argparse.Namespace) -> int:
     from .merge import inspect_pair
 
-    report = inspect_pair(args.tuned, args.base, resolve("neuron_fusion", parse_sets(args.sets)), allow_pickle=args.allow_pickle)
+    report = inspect_pair(
+        args.tuned, args.base, resolve("neuron_fusion", parse_sets(args.sets)), allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite
+    )
     print(f"{'layer':>5}  {'kind':<22} {'neurons':>8} {'located':>8} {'median':>10} {'p90':>10} {'p99':>10} {'max':>10}")
     for row in report["kinds"]:
         q = row["quantiles"]

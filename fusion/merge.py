@@ -177,7 +177,8 @@ class Sources:
         bad = int(values.numel() - torch.isfinite(values).sum())
         return FusionError(
             f"tensor '{name}' of {checkpoint.ref} ({checkpoint.info(name).file.name}) holds {bad} NaN or infinite value(s) "
-            f"of {values.numel()}, which the merge would spread; to merge it anyway, pass --allow-nonfinite (allow_nonfinite=True)"
+            f"of {values.numel()}, which would spread through the merge and the neuron scores; to go on anyway, pass --allow-nonfinite "
+            "(allow_nonfinite=True)"
         )
 
 
@@ -196,7 +197,7 @@ class Locator:
     they take a pass of their own (``locate``), as they do in ``inspect``.
     """
 
-    def __init__(self, plan: list[Planned], sources: Sources, params: dict[str, Any], *, device: torch.device | None = None, check: bool = True) -> None:
+    def __init__(self, plan: list[Planned], sources: Sources, params: dict[str, Any], *, device: str | torch.device = "cpu", check: bool = True) -> None:
         family = family_for(sources.tuned.text_config().get("model_type"))
         self.params = params
         self._shapes = merged_shapes(plan)
@@ -204,7 +205,7 @@ class Locator:
         self._kind_of = {m.tensor: k for k in self.kinds for m in k.members}
         self._sources = sources
         self._power = score_power(params["score_norm"])
-        self._scores_in_merge = device is None or device.type == "cpu"
+        self._scores_in_merge = torch.device(device).type == "cpu"
         self._check = check
         self._waiting: dict[str, torch.Tensor] = {}
         self.report: list[dict[str, Any]] = []
@@ -214,7 +215,8 @@ class Locator:
         return base_name in self._kind_of
 
     def locate(self, kind: NeuronKind) -> torch.Tensor:
-        """Score a kind's neurons in a pass over its inputs and select the top ones."""
+        """Score a kind's neurons in a pass of their own over its inputs and locate the top ones;
+        NaN or ±inf there is a FusionError naming it (unless ``check`` is off)."""
         changes = []
         for m in kind.members:
             b, t = self._sources.pair(m.tensor)
@@ -231,6 +233,8 @@ class Locator:
         return self._waiting.pop(base_name)
 
     def _merge_kind(self, kind: NeuronKind, merge: MergeOne) -> dict[str, torch.Tensor]:
+        """A kind's tensors merged, located and restored (restoring reads only the located
+        slices of the memory-mapped inputs, wherever the merge computes)."""
         if self._scores_in_merge:
             sums = [SliceSums(self._shapes[m.tensor], m.axis, self._power) for m in kind.members]
             merged = {m.tensor: merge(m.tensor, s.add) for m, s in zip(kind.members, sums)}
@@ -245,7 +249,9 @@ class Locator:
 
     def _select(self, kind: NeuronKind, changes: list[torch.Tensor]) -> torch.Tensor:
         """The located neurons of a kind from its members' slice sums; adds the kind's report."""
-        references = [slice_change(self._sources.pair(m.tensor)[0], None, m.axis, self._power) for m in kind.members] if self.params["relative"] else None
+        references = None
+        if self.params["relative"]:  # the norms of the base's neurons: a pass over the base of their own
+            references = [slice_change(self._sources.pair(m.tensor)[0], None, m.axis, self._power) for m in kind.members]
         scores = kind_scores(changes, self._power, references)
         located = top_fraction(scores, self.params["top_ratio"])
         self.report.append(describe(kind, scores, located))

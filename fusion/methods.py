@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .combine import COMBINERS, Combiner, summed
-from .sparsify import SPARSIFIERS, Params, Sub, TaskVector, as_rows, keep_all, row_blocks
+from .sparsify import SPARSIFIERS, Params, Scratch, Sub, TaskVector, as_rows, keep_all, row_blocks
 from .sparsify import count_for as count_for  # re-exported: fusion.neurons imports it from here
 
 # (axis, indices) of the neurons located in one tensor: rows (axis 0) or columns (axis 1)
@@ -76,12 +76,10 @@ def task_vectors(base: Tensor, tuned: Sequence[Tensor], *, check: bool = False, 
 
 def apply_delta(base: Tensor, delta: Tensor, scale: float, out: Tensor) -> Tensor:
     """θ_base + scale·δ, computed in float32 (into ``delta``), one row block at a time, and stored
-    in ``out`` (which may be ``delta`` itself)."""
+    in ``out``."""
     b_rows, d_rows, o_rows = as_rows(base), as_rows(delta), as_rows(out)
     for rows in row_blocks(d_rows.shape):
-        part = d_rows[rows].mul_(scale).add_(b_rows[rows].float())
-        if out is not delta:
-            o_rows[rows] = part
+        o_rows[rows] = d_rows[rows].mul_(scale).add_(b_rows[rows].float())
     return out
 
 
@@ -89,7 +87,7 @@ def _streamed(base: Tensor, tuned: Tensor, sub: Sub, params: Params, generator: 
     """θ_base + λ·Sub(Δ) for one tuned model, Δ never held whole: ``sub.prepare`` and the final
     pass each compute Δ's blocks from the inputs again (~0.5 ns an entry), where a whole float32
     Δ would cost a fresh allocation, its page faults and 4 bytes an entry of memory."""
-    vector, o_rows = TaskVector(base, tuned), as_rows(out)
+    vector, o_rows, scratch = TaskVector(base, tuned), as_rows(out), Scratch()
     prepared = sub.prepare(vector.deltas, base.numel(), params)
     for rows in vector.rows():
         delta, b = vector.block(rows)
@@ -97,7 +95,7 @@ def _streamed(base: Tensor, tuned: Tensor, sub: Sub, params: Params, generator: 
             check_finite(delta.sum(), [vector.base[rows], vector.tuned[rows]])
         if observe:
             observe(rows, delta)
-        sub.apply(delta, prepared, params, generator)
+        sub.apply(delta, prepared, params, generator, scratch)
         o_rows[rows] = delta.mul_(params["lambda"]).add_(b)
     return out
 

@@ -29,7 +29,7 @@ from torch import Tensor
 from .architectures import LLAMA, SUPPORTED_MODEL_TYPES, Family
 from .errors import FusionError
 from .methods import count_for
-from .sparsify import Reused, row_blocks
+from .sparsify import Scratch, row_blocks
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _CURVE_POINTS = 64
@@ -145,11 +145,11 @@ class SliceSums:
         self.axis, self.power = axis, power
         self.width = math.prod(shape[1:])
         self.total = torch.zeros(shape[axis] if len(shape) > 1 else shape[0], dtype=torch.float32, device=device)
-        self._powers = Reused()
+        self._scratch = Scratch()
 
     def add(self, rows: slice, block: Tensor) -> None:
         """Add one row block (float32, left unchanged)."""
-        x = (torch.abs if self.power == 1 else torch.square)(block, out=self._powers.like(block)).reshape(-1, self.width)
+        x = (torch.abs if self.power == 1 else torch.square)(block, out=self._scratch.like("powers", block)).reshape(-1, self.width)
         if self.axis == 0:
             self.total[rows] += x.sum(1)
         else:

@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy
 import torch
 from torch import Tensor
 
@@ -72,24 +71,25 @@ def blocks(x: Tensor) -> Iterator[Tensor]:
     return (rows[r] for r in row_blocks(rows.shape))
 
 
-class Reused:
-    """The memory of one temporary of a blocked pass, kept from block to block.
+class Scratch:
+    """Memory for the temporaries of a blocked pass, by role, kept from block to block.
 
     glibc hands freed multi-MB memory back to the system (it trims its heap), so a fresh
     temporary per block pays a page fault every 4 KiB, which costs more than the arithmetic on
     it (measured: a float32 subtraction of 1M entries, 1.3 ms into fresh memory, 0.15 ms into
     reused memory)."""
 
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = dtype
-        self._memory: Tensor | None = None
+    def __init__(self) -> None:
+        self._memory: dict[str, Tensor] = {}
 
-    def like(self, x: Tensor) -> Tensor:
-        """Uninitialised memory of ``x``'s shape, valid until the next call."""
-        n = x.numel()
-        if self._memory is None or self._memory.numel() < n or self._memory.device != x.device:
-            self._memory = torch.empty(n, dtype=self.dtype, device=x.device)
-        return self._memory[:n].view(x.shape)
+    def like(self, role: str, x: Tensor, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
+        """Uninitialised memory of ``x``'s shape for ``role`` (float32 and ``x``'s device unless
+        told otherwise), valid until the next request for that role."""
+        n, device = x.numel(), torch.device(device or x.device)
+        memory = self._memory.get(role)
+        if memory is None or memory.numel() < n or memory.dtype != dtype or memory.device != device:
+            memory = self._memory[role] = torch.empty(n, dtype=dtype, device=device)
+        return memory[:n].view(x.shape)
 
 
 class TaskVector:
@@ -99,7 +99,7 @@ class TaskVector:
 
     def __init__(self, base: Tensor, tuned: Tensor) -> None:
         self.base, self.tuned = as_rows(base), as_rows(tuned)
-        self._base, self._delta = Reused(), Reused()
+        self._scratch = Scratch()
 
     def rows(self) -> Iterator[slice]:
         return row_blocks(self.base.shape)
@@ -107,8 +107,8 @@ class TaskVector:
     def block(self, rows: slice) -> tuple[Tensor, Tensor]:
         """(Δ, θ_base) of one row block in float32, both overwritten by the next call."""
         b, t = self.base[rows], self.tuned[rows]
-        base = self._base.like(b).copy_(b)
-        return self._delta.like(t).copy_(t).sub_(base), base
+        base = self._scratch.like("base", b).copy_(b)
+        return self._scratch.like("delta", t).copy_(t).sub_(base), base
 
     def deltas(self) -> Iterator[Tensor]:
         """A pass over Δ's blocks (a BlockSource); each is overwritten by the next."""
@@ -129,12 +129,12 @@ def magnitudes_at_ranks(source: BlockSource, n: int, ranks: Sequence[int]) -> li
     for rank in ranks:
         if not 1 <= rank <= n:
             raise ValueError(f"rank {rank} is outside 1..{n}")
-    mags, buckets = Reused(), Reused(torch.int32)
+    scratch = Scratch()
 
     def bucketed(part: Tensor) -> tuple[Tensor, Tensor]:
         """|part| and the histogram bucket of each: the top 16 bits of a non-negative float32."""
-        mag = torch.abs(part, out=mags.like(part)).reshape(-1)
-        return mag, torch.bitwise_right_shift(mag.view(torch.int32), 16, out=buckets.like(mag))
+        mag = torch.abs(part, out=scratch.like("mag", part)).reshape(-1)
+        return mag, torch.bitwise_right_shift(mag.view(torch.int32), 16, out=scratch.like("bucket", mag, torch.int32))
 
     counts: Tensor | None = None
     for part in source():
@@ -164,16 +164,17 @@ def magnitude_at_rank(x: Tensor, rank: int) -> float:
 @dataclass(frozen=True)
 class Sub:
     """A sparsifier: ``prepare(source, n, params)`` reads the task vector (its ``n`` entries as
-    blocks from ``source``) for what its rule needs, ``apply(block, prepared, params, generator)``
-    changes one row block in place. Calling it does both over a whole task vector, in place."""
+    blocks from ``source``) for what its rule needs, ``apply(block, prepared, params, generator,
+    scratch)`` changes one row block in place (its temporaries in ``scratch``, one per pass).
+    Calling it does both over a whole task vector, in place."""
 
     prepare: Callable[[BlockSource, int, Params], Any]
-    apply: Callable[[Tensor, Any, Params, torch.Generator | None], None]
+    apply: Callable[[Tensor, Any, Params, torch.Generator | None, Scratch], None]
 
     def __call__(self, delta: Tensor, params: Params, generator: torch.Generator | None = None) -> Tensor:
-        prepared = self.prepare(lambda: blocks(delta), delta.numel(), params)
+        prepared, scratch = self.prepare(lambda: blocks(delta), delta.numel(), params), Scratch()
         for part in blocks(delta):
-            self.apply(part, prepared, params, generator)
+            self.apply(part, prepared, params, generator, scratch)
         return delta
 
 
@@ -193,13 +194,12 @@ class Band:
     empty: bool = False
 
 
-def _keep_band(part: Tensor, band: Band, params: Params, generator: torch.Generator | None) -> None:
+def _keep_band(part: Tensor, band: Band, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """``apply`` of TIES and Breadcrumbs: zero the entries outside ``band``."""
     if band.empty:
         part.zero_()
         return
-    mag = part.abs()
-    mask = torch.empty_like(part)
+    mag, mask = torch.abs(part, out=scratch.like("mag", part)), scratch.like("mask", part)
     if band.low is not None:
         part.mul_(torch.ge(mag, band.low, out=mask))
     if band.high is not None:
@@ -228,51 +228,57 @@ def _middle_band(source: BlockSource, n: int, params: Params) -> Band:
     return Band(found.get(low_rank), found.get(high_rank))
 
 
-def _draw(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Uniform [0, 1) draws from the CPU generator, moved to ``device``: the same mask wherever
-    the merge runs. Drawing a tensor block by block gives the same numbers as drawing it whole."""
+def _draw(like: Tensor, generator: torch.Generator | None, scratch: Scratch) -> Tensor:
+    """Uniform [0, 1) draws of ``like``'s shape from the CPU generator, moved to its device: the
+    same mask wherever the merge runs. Drawing a tensor block by block gives the same numbers as
+    drawing it whole."""
     assert generator is not None, "this sparsifier draws random masks: pass a seeded generator"
-    return torch.rand(shape, generator=generator).to(device)
+    return torch.rand(like.shape, generator=generator, out=scratch.like("draw", like, device="cpu")).to(like.device)
 
 
-def _drop_at_random(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None) -> None:
+def _drop_at_random(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """DARE: drop each entry with probability 1 − density, rescale the kept by 1/density."""
     density = params["density"]
     if density < 1.0:
-        draw = _draw(part.shape, generator, part.device)
+        draw = _draw(part, generator, scratch)
         part.mul_(torch.lt(draw, density, out=draw)).div_(density)
 
 
-def _rank_in_row(mag: Tensor) -> Tensor:
-    """Each entry's rank within its row by magnitude, 0 for the largest, equal magnitudes in
-    index order (what a stable descending argsort gives), as int64.
+def _drop_probability(mag: Tensor, p_low: float, step: float, scratch: Scratch) -> Tensor:
+    """DELLA's drop probability of each entry, p_low + step · rank, where rank 0 is the largest
+    magnitude in its row and equal magnitudes go in index order (a stable descending argsort).
 
     The order is that of one int64 key per entry, the magnitude's bits (descending) above the
-    column index, so that all keys differ and any sort gives it. On the CPU numpy sorts those
-    keys some 10x faster than torch's argsort, which dominated DELLA's time."""
+    column index, so that all keys differ and any sort gives it; on the CPU numpy sorts the keys
+    in place some 10x faster than torch's argsort, which dominated DELLA's time. Each sorted key
+    names the column that takes the probability of its rank."""
     width = mag.shape[1]
     shift = max(1, (width - 1).bit_length())
-    column = torch.arange(width, device=mag.device)
-    keys = (((1 << 31) - 1 - mag.view(torch.int32).to(torch.int64)) << shift) | column
-    ordered = torch.from_numpy(numpy.sort(keys.numpy(), axis=1)) if keys.device.type == "cpu" else keys.sort(dim=1).values
-    order = ordered.bitwise_and_((1 << shift) - 1)
-    return torch.empty_like(order).scatter_(1, order, column.expand_as(order))
+    descending = torch.bitwise_not(mag.view(torch.int32), out=scratch.like("bits", mag, torch.int32)).bitwise_and_((1 << 31) - 1)
+    keys = scratch.like("keys", mag, torch.int64).copy_(descending)
+    keys.bitwise_left_shift_(shift).bitwise_or_(torch.arange(width, device=mag.device))
+    if keys.device.type == "cpu":
+        keys.numpy().sort(axis=1)
+    else:
+        keys = keys.sort(dim=1).values
+    by_rank = torch.arange(width, dtype=torch.float32, device=mag.device).mul_(step).add_(p_low)
+    return scratch.like("drop", mag).scatter_(1, keys.bitwise_and_((1 << shift) - 1), by_rank.expand_as(mag))
 
 
-def _drop_by_rank(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None) -> None:
+def _drop_by_rank(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """DELLA: per row, the drop probability falls linearly with the magnitude rank, from
     1 − density + ε/2 (smallest) to 1 − density − ε/2 (largest); kept entries are rescaled by
     1/(1 − p_i). A vector is one row."""
     rows = part.reshape(-1, part.shape[-1])
     width = rows.shape[1]
     spread = params["epsilon"] if width > 1 else 0.0
-    p_low, step = 1.0 - params["density"] - spread / 2, spread / max(width - 1, 1)
-    drop_p = _rank_in_row(rows.abs()).to(torch.float32).mul_(step).add_(p_low)
-    draw = _draw(rows.shape, generator, rows.device)
+    mag = torch.abs(rows, out=scratch.like("mag", rows))
+    drop_p = _drop_probability(mag, 1.0 - params["density"] - spread / 2, spread / max(width - 1, 1), scratch)
+    draw = _draw(rows, generator, scratch)
     rows.mul_(torch.ge(draw, drop_p, out=draw)).div_(drop_p.neg_().add_(1.0))  # 1 − p, in place
 
 
-def _as_is(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None) -> None:
+def _as_is(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """Task arithmetic: every entry kept as it is."""
 
 
