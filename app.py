@@ -292,8 +292,6 @@ def build(studio: Studio) -> gr.Blocks:
         def refuse(name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
             """This visitor's own fused variant; everyone else keeps theirs (values are checked by
             the library: a name from the list, finite numbers in range, choices from their lists)."""
-            if name not in METHOD_NAMES:
-                raise StudioError(f"Unknown method; choose one of {', '.join(METHOD_NAMES)}.")
             by_name = dict(zip((p.name for p in params), values))
             inner = by_name.get("inner") if by_name.get("inner") in BASELINES else None
             wanted = method_params(name, inner)

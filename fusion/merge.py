@@ -342,13 +342,22 @@ class MergeStream:
     """
 
     def __init__(
-        self, tuned_ref: str, base_ref: str, recipe: Recipe, *, device: str = "auto", allow_pickle: bool = True, allow_nonfinite: bool = False
+        self,
+        tuned: str | Checkpoint,
+        base: str | Checkpoint,
+        recipe: Recipe,
+        *,
+        device: str = "auto",
+        allow_pickle: bool = True,
+        allow_nonfinite: bool = False,
     ) -> None:
+        """``tuned``/``base``: references (path or hub id) or checkpoints already open, which a
+        caller merging the same pair many times (the app) opens once."""
         self.recipe = recipe
         self.device = resolve_device(device)
         self.check = not allow_nonfinite
-        self.tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
-        self.base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
+        self.tuned = tuned if isinstance(tuned, Checkpoint) else open_checkpoint(tuned, allow_pickle=allow_pickle)
+        self.base = base if isinstance(base, Checkpoint) else open_checkpoint(base, allow_pickle=allow_pickle)
         self.plan = plan_merge(self.tuned, self.base)
         self.sources = Sources(self.plan, self.tuned, self.base)
         self.locator = Locator(self.plan, self.sources, recipe.params, device=self.device, check=self.check) if recipe.spec.locates_neurons else None
@@ -449,10 +458,8 @@ def inspect_pair(
     recipe = params if isinstance(params, Recipe) else resolve("neuron_fusion", params)
     if not recipe.spec.locates_neurons:
         raise FusionError(f"inspect locates neurons: it needs a Neuron-Fusion recipe, not one for '{recipe.method}'")
-    tuned = open_checkpoint(tuned_ref, allow_pickle=allow_pickle)
-    base = open_checkpoint(base_ref, allow_pickle=allow_pickle)
-    plan = plan_merge(tuned, base)
-    locator = Locator(plan, Sources(plan, tuned, base), recipe.params, check=not allow_nonfinite)
+    locator = MergeStream(tuned_ref, base_ref, recipe, device="cpu", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite).locator
+    assert locator is not None  # a Neuron-Fusion recipe always has one
     for kind in locator.kinds:
         locator.locate(kind)
     kinds = locator.report

@@ -1,5 +1,5 @@
-"""The app's state: loading a preset (fusing it through the library's cached merge), the loaded
-original and fused models, the base LLM on demand, and the status the page polls."""
+"""The app's state: loading a preset (the original MLLM, and its fused version built in memory),
+visitors' own fused variants, the base LLM on demand, and the status the page polls."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Any
 import torch
 
 from fusion.architectures import SHARED_MODULES
+from fusion.checkpoint import Checkpoint, open_checkpoint
 from fusion.errors import FusionError
 from fusion.inference import ChatModel
 from fusion.merge import MergeStream, Progress, resolve_device
 from fusion.presets import Preset, get_preset
-from fusion.registry import METHOD_NAMES, Recipe, resolve
+from fusion.registry import METHOD_NAMES, resolve
 
 from . import StudioError
 from .behaviour import BehaviourRun, BenchProgress, check_limit, run_behaviour
@@ -34,9 +35,14 @@ class Pair:
     fixed for the life of the process (visitors' own variants live in the store)."""
 
     preset: Preset
-    method: str
     original: ChatModel
     default: Variant
+    checkpoints: tuple[Checkpoint, Checkpoint]  # (tuned, base), opened once for every variant's merge
+
+    @property
+    def method(self) -> str:
+        """The preset's method as it was asked for (e.g. 'neu-p-taska')."""
+        return self.default.name
 
     @property
     def fused(self) -> ChatModel:
@@ -157,15 +163,11 @@ class Studio:
         self.status.message = f"loading {title_original}"
         self.log(f"[studio] loading {preset.tuned}, then fusing it toward {preset.base} with {method}")
         original = self._load_model(preset.tuned, True, title_original)
-        default = self._build(preset, original, method, recipe, self._progress(f"fusing {preset.name}"))
-        return Pair(preset, method, original, default)
-
-    def _build(self, preset: Preset, original: ChatModel, method: str, recipe: Recipe, progress: Callable[[Progress], None]) -> Variant:
-        """A fused variant of ``original`` in memory (it shares the vision tower and projector)."""
-        stream = MergeStream(preset.tuned, preset.base, recipe, device=str(self.device))
-        variant = build_variant(original, stream, fused_title(preset, method), method, progress)
+        checkpoints = (open_checkpoint(preset.tuned), open_checkpoint(preset.base))
+        stream = MergeStream(*checkpoints, recipe, device=str(self.device))
+        variant = build_variant(original, stream, fused_title(preset, method), method, self._progress(f"fusing {preset.name}"))
         self.log(f"[studio] fused with {method} in memory in {variant.seconds:.1f} s ({variant.nbytes / 2**20:.0f} MiB)")
-        return variant
+        return Pair(preset, original, variant, checkpoints)
 
     def ready(self) -> Pair:
         if self.pair is None:
@@ -195,7 +197,7 @@ class Studio:
             raise StudioError(f"Unknown method {str(method)[:40]!r}; choose one of {', '.join(METHOD_NAMES)}.")
         try:
             recipe = resolve(method, dict(params))
-            stream = MergeStream(pair.preset.tuned, pair.preset.base, recipe, device=str(self.device))
+            stream = MergeStream(*pair.checkpoints, recipe, device=str(self.device))
         except FusionError as err:
             raise StudioError(str(err)) from None
         if stream.key == pair.default.key:
