@@ -129,7 +129,7 @@ def run_merge(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    what = "already there (same inputs and recipe)" if result.reused else f"written in {result.seconds:.1f} s"
+    what = "already there (same inputs and recipe)" if result.reused else f"written in {result.seconds:.2f} s"
     print(f"{result.path}: {what}; recipe {json.dumps({k: result.recipe[k] for k in ('method', 'params', 'seed')})}")
     return 0
 

@@ -215,15 +215,38 @@ def run_bench(
     return rows
 
 
-def run_sweep(preset: Preset, methods: Sequence[str], out: Path, *, device: str = "cpu", seed: int = 0, limit: int | None = None, log: Any = print) -> list[dict[str, Any]]:
-    """Each method along its strength knob (SWEEPS); one trade-off plot of all of them."""
+def spread(values: Sequence[float], points: int | None) -> Sequence[float]:
+    """``points`` of a knob's ``values``, evenly spaced from the first to the last (both kept);
+    all of them when ``points`` is None or not fewer."""
+    if points is None or points >= len(values):
+        return values
+    if points < 2:
+        raise FusionError(f"a sweep walks at least 2 points of each knob (its two ends), not {points}")
+    return [values[round(i * (len(values) - 1) / (points - 1))] for i in range(points)]
+
+
+def run_sweep(
+    preset: Preset,
+    methods: Sequence[str],
+    out: Path,
+    *,
+    device: str = "cpu",
+    seed: int = 0,
+    limit: int | None = None,
+    points: int | None = None,
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """Each method along its strength knob (SWEEPS); one trade-off plot of all of them.
+    ``points`` walks only that many of each knob's values (see ``spread``): a quick look, since
+    every point is a merge and a bench."""
+    # every method and ``points`` checked before the minutes of scoring
+    walks = [(method, knob, spread(values, points)) for method in methods for knob, values in SWEEPS[resolve(method).method]]
     rows = run_bench(preset, [], out, device=device, seed=seed, limit=limit, log=log)
-    for method in methods:
-        for knob, values in SWEEPS[resolve(method).method]:
-            points = [(method, {knob: v}) for v in values]
-            where = out / f"sweep-{method}-{knob}"
-            for row in run_bench(preset, points, where, include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
-                rows.append({**row, "knob": knob, "value": row["params"][knob]})
+    for method, knob, values in walks:
+        walked = [(method, {knob: v}) for v in values]
+        where = out / f"sweep-{method}-{knob}"
+        for row in run_bench(preset, walked, where, include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
+            rows.append({**row, "knob": knob, "value": row["params"][knob]})
     (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
     tradeoff_figure(rows, preset.name).savefig(out / "sweep.png")
     return rows

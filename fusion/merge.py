@@ -162,11 +162,11 @@ class Sources:
         b, t = self.base.get(base_name), self.tuned.get(p.name)
         return (b[: p.rows], t[: p.rows]) if p.rows else (b, t)
 
-    def guard(self, base_name: str, summary: torch.Tensor) -> None:
+    def guard(self, base_name: str) -> None:
         """FusionError naming the tensor, its checkpoint and file if an input of ``base_name`` holds
-        NaN or ±inf; ``summary`` is a sum of values both flow into (see methods.check_finite)."""
+        NaN or ±inf."""
         try:
-            check_finite(summary, self.pair(base_name))
+            check_finite(self.pair(base_name))
         except NonFinite as err:
             raise self.nonfinite(base_name, err.which) from None
 
@@ -222,7 +222,7 @@ class Locator:
             b, t = self._sources.pair(m.tensor)
             changes.append(slice_change(b, [t], m.axis, self._power))
             if self._check:
-                self._sources.guard(m.tensor, changes[-1].sum())
+                self._sources.guard(m.tensor)
         return self._select(kind, changes)
 
     def merged(self, base_name: str, merge: MergeOne) -> torch.Tensor:

@@ -45,16 +45,14 @@ class NonFinite(ValueError):
         self.which = which
 
 
-def check_finite(summary: Tensor, inputs: Sequence[Tensor]) -> None:
+def check_finite(inputs: Sequence[Tensor]) -> None:
     """Raise NonFinite for the first of ``inputs`` that holds NaN or ±inf.
 
-    ``summary`` is a sum that every entry of the inputs flows into (computed in the same pass),
-    so it is finite whenever they all are: the exact test, ~15x the cost of a sum on the CPU,
-    runs only when it is not, and a sum that merely overflowed raises nothing."""
-    if bool(summary.isfinite()):
-        return
+    The test is the extremes: NaN propagates into both, ±inf is one of them. On the CPU
+    ``aminmax`` of fp16 costs about a tenth of a sum and a twentieth of ``isfinite().all()``,
+    and it is exact where a sum is a filter that overflows on large finite values."""
     for which, x in enumerate(inputs):
-        if not bool(torch.isfinite(x).all()):
+        if x.numel() and not bool(torch.isfinite(torch.stack(torch.aminmax(x))).all()):
             raise NonFinite(which)
 
 
@@ -68,7 +66,7 @@ def task_vectors(base: Tensor, tuned: Sequence[Tensor], *, check: bool = False, 
         b = b_rows[rows].float()
         parts = [torch.sub(t[rows].float(), b, out=d[rows]) for t, d in zip(t_rows, d_rows)]
         if check:
-            check_finite(sum(p.sum() for p in parts), [b_rows[rows], *(t[rows] for t in t_rows)])
+            check_finite([b_rows[rows], *(t[rows] for t in t_rows)])
         if observe:
             observe(rows, functools.reduce(torch.add, parts))
     return deltas
@@ -88,11 +86,11 @@ def _streamed(base: Tensor, tuned: Tensor, sub: Sub, params: Params, generator: 
     pass each compute Δ's blocks from the inputs again (~0.5 ns an entry), where a whole float32
     Δ would cost a fresh allocation, its page faults and 4 bytes an entry of memory."""
     vector, o_rows, scratch = TaskVector(base, tuned), as_rows(out), Scratch()
-    prepared = sub.prepare(vector.deltas, base.numel(), params)
+    prepared = sub.prepare(vector, params)
     for rows in vector.rows():
         delta, b = vector.block(rows)
         if check:
-            check_finite(delta.sum(), [vector.base[rows], vector.tuned[rows]])
+            check_finite([vector.base[rows], vector.tuned[rows]])
         if observe:
             observe(rows, delta)
         sub.apply(delta, prepared, params, generator, scratch)
@@ -105,13 +103,12 @@ def _lerp(base: Tensor, tuned: Tensor, weight: float, check: bool, observe: Obse
 
     ``torch.lerp`` computes in float32 even on bf16/fp16 storage, and returns ``tuned`` exactly
     at w = 1 and ``base`` exactly at w = 0, which the identities in docs/methods.md require bit for bit.
-    No task vector is needed here, so the finite check sums the inputs (one cheap pass over
-    blocks in cache) and Δ is computed only for ``observe``."""
+    No task vector is needed here: Δ is computed only for ``observe``."""
     vector, o_rows = TaskVector(base, tuned), as_rows(out)
     for rows in vector.rows():
         b, t = vector.base[rows], vector.tuned[rows]
         if check:
-            check_finite(b.sum() + t.sum(), [b, t])
+            check_finite([b, t])
         if b.dtype == t.dtype:
             torch.lerp(b, t, weight, out=o_rows[rows])
         else:

@@ -13,6 +13,9 @@ may be killed at any moment. So nothing about the target is taken on trust:
   instead, and the files are moved in one by one, the recipe last.
 - **No leftovers from dead processes.** Every staging directory holds an owner file (pid, host);
   a merge first removes the staging directories around its target whose owner has died.
+- **On the disk before it is published.** Every file is synced (the shards as they are written,
+  see ``fusion.writer.ShardFile``), then the staging directory, then the rename's directory: a
+  crash of the machine leaves the old state or the whole new output, never named empty files.
 - **Verified reuse.** The recipe lists every file of the finished output with its size; an
   output is reused only if all are there with those sizes, else rebuilt (see ``reusable``).
 - **One line per I/O failure.** An ``OSError`` becomes a FusionError ``"PATH: reason"``, after the
@@ -261,6 +264,16 @@ def reusable(out: Path, key: str, *, cached: bool) -> dict[str, Any] | None:
     return None
 
 
+def sync(path: Path) -> None:
+    """Flush ``path`` (a file or a directory's entries) to the disk: a published output must
+    survive a crash of the machine too, and a rename is only durable once its directory is."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 # --- one merge's hold on its output ---------------------------------------------------------
 
 
@@ -303,12 +316,16 @@ class Slot:
         (staging / OWNER_FILE).unlink()
         recipe = {**record, "files": {p.name: p.stat().st_size for p in sorted(staging.iterdir())}}
         (staging / RECIPE_FILE).write_text(json_text(recipe, indent=2) + "\n")
+        for name in [*recipe["files"], RECIPE_FILE]:  # shards are synced as written: cheap here
+            sync(staging / name)
+        sync(staging)
         if staging.parent == self.out:
             for name in [*recipe["files"], RECIPE_FILE]:
                 os.replace(staging / name, self.out / name)
             staging.rmdir()
         else:
             os.rename(staging, self.out)
+        sync(self.out.parent)
         self.staging = None
         self._release()
         return recipe

@@ -25,20 +25,38 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 Params = Mapping[str, Any]
-# A fresh pass over a task vector's float32 row blocks, in order (read only).
-BlockSource = Callable[[], Iterable[Tensor]]
+
+
+class Passes(Protocol):
+    """A task vector as ``prepare`` reads it: in passes over its float32 row blocks, or a sample."""
+
+    numel: int
+
+    def blocks(self) -> Iterable[Tensor]:
+        """A fresh pass over the row blocks, in order (read only; each may be overwritten by the next)."""
+        ...
+
+    def sample(self, count: int) -> Tensor:
+        """About ``count`` entries spread over the whole vector (every k-th row), float32, the
+        caller's to change; all of them when the vector has no more than ``count``."""
+        ...
+
 
 # Elements per row block: a block's float32 temporaries (a few MB) stay in cache and are reused
 # by the allocator. Neuron scores are accumulated over these same blocks (``fusion.neurons``),
 # so a merge can score the blocks it computes anyway and get the same sums.
 BLOCK_ELEMENTS = 1 << 20
 _BUCKETS = 1 << 15  # the top 16 bits of a non-negative float32 (its sign bit is 0)
+# entries of |Δ| sampled to place the brackets of ``magnitudes_at_ranks`` (all of a smaller vector)
+SAMPLE_ENTRIES = 1 << 18
+# most entries a bracket may collect in its pass (a sample gone wrong then costs nothing more)
+BRACKET_LIMIT = 1 << 21
 
 
 def count_for(fraction: float, n: int) -> int:
@@ -99,6 +117,7 @@ class TaskVector:
 
     def __init__(self, base: Tensor, tuned: Tensor) -> None:
         self.base, self.tuned = as_rows(base), as_rows(tuned)
+        self.numel = base.numel()
         self._scratch = Scratch()
 
     def rows(self) -> Iterator[slice]:
@@ -110,25 +129,108 @@ class TaskVector:
         base = self._scratch.like("base", b).copy_(b)
         return self._scratch.like("delta", t).copy_(t).sub_(base), base
 
-    def deltas(self) -> Iterator[Tensor]:
-        """A pass over Δ's blocks (a BlockSource); each is overwritten by the next."""
+    def blocks(self) -> Iterator[Tensor]:
+        """A pass over Δ's blocks; each is overwritten by the next."""
         return (self.block(rows)[0] for rows in self.rows())
 
+    def sample(self, count: int) -> Tensor:
+        step = _sample_step(self.base.shape, count)
+        return self.tuned.reshape(-1)[::step].to(torch.float32, copy=True).sub_(self.base.reshape(-1)[::step].float())
 
-def magnitudes_at_ranks(source: BlockSource, n: int, ranks: Sequence[int]) -> list[float]:
-    """The ``rank``-th largest |x| (1-based) for each of ``ranks``, among the ``n`` values of
-    ``source``'s blocks, without sorting them.
 
-    Non-negative float32 values order like their bit patterns, so one histogram of the top 16
-    bits finds the bucket that holds each wanted rank; only those buckets' members are then
-    collected and sorted. Two passes over the blocks, and memory for a few of them, where
-    ``kthvalue``/``topk`` copy the tensor and add int64 indices (3x its size): the difference
-    between fitting a 7B embedding in RAM or not. Several ranks (Breadcrumbs' two thresholds)
-    share the two passes.
+class Held:
+    """A float32 task vector held whole (several tuned models), read as ``Passes``."""
+
+    def __init__(self, delta: Tensor) -> None:
+        self.delta = as_rows(delta)
+        self.numel = delta.numel()
+
+    def blocks(self) -> Iterator[Tensor]:
+        return blocks(self.delta)
+
+    def sample(self, count: int) -> Tensor:
+        return self.delta.reshape(-1)[:: _sample_step(self.delta.shape, count)].clone()
+
+
+def _sample_step(shape: Sequence[int], count: int) -> int:
+    """Every how many entries (in storage order) a sample of about ``count`` takes one: prime to
+    the row width, so that the sample goes through every column, not a few."""
+    width, step = math.prod(shape[1:]), max(1, math.ceil(math.prod(shape) / max(count, 1)))
+    while step > 1 and math.gcd(step, width) > 1:
+        step += 1
+    return step
+
+
+def magnitudes_at_ranks(vector: Passes, ranks: Sequence[int]) -> list[float]:
+    """The ``rank``-th largest |x| (1-based) for each of ``ranks``, among the entries of
+    ``vector``, exactly, without sorting them or copying the vector.
+
+    Usually one pass (``_bracketed``): a sample places, for each rank, a narrow bracket of
+    magnitudes that should hold it; the pass counts the entries above each bracket and collects
+    the few inside, among which the rank is then found. When a bracket misses (a sample unlike
+    the rest of the vector) that rank takes two more passes (``_histogrammed``). ``kthvalue``
+    or ``topk`` would copy the tensor and add int64 indices (3x its size): the difference between
+    fitting a 7B embedding in RAM or not.
     """
     for rank in ranks:
-        if not 1 <= rank <= n:
-            raise ValueError(f"rank {rank} is outside 1..{n}")
+        if not 1 <= rank <= vector.numel:
+            raise ValueError(f"rank {rank} is outside 1..{vector.numel}")
+    found = _bracketed(vector, ranks)
+    missed = [rank for rank, value in zip(ranks, found) if value is None]
+    exact = dict(zip(missed, _histogrammed(vector, missed))) if missed else {}
+    return [exact[rank] if value is None else value for rank, value in zip(ranks, found)]
+
+
+def _bracketed(vector: Passes, ranks: Sequence[int]) -> list[float | None]:
+    """Each rank's magnitude found in one pass between brackets that a sample places, or None
+    where the bracket does not hold it. A vector no larger than the sample is answered from it."""
+    n = vector.numel
+    sample = vector.sample(SAMPLE_ENTRIES).abs_().sort(descending=True).values
+    s = sample.numel()
+    if s == n:
+        return [float(sample[rank - 1]) for rank in ranks]
+    brackets = []
+    for rank in ranks:
+        at = rank / n * s  # where the rank should fall among the sorted sample
+        # six binomial standard deviations of a sample's rank, and a few entries for small ones
+        spread = 6 * math.sqrt(at * (1 - rank / n)) + 8
+        first, last = math.floor(at - spread), math.ceil(at + spread)
+        # a bracket that reaches the sample's largest (smallest) entry is open on that side
+        high = float(sample[first]) if first > 0 else math.inf
+        low = float(sample[last]) if last < s - 1 else 0.0
+        brackets.append((low, high))
+    above_low = [0] * len(ranks)  # entries >= the bracket's low end
+    inside: list[list[Tensor] | None] = [[] for _ in ranks]  # entries in [low, high], or None: too many
+    held = [0] * len(ranks)
+    scratch = Scratch()
+    for part in vector.blocks():
+        mag = torch.abs(part, out=scratch.like("mag", part)).reshape(-1)
+        for i, (low, high) in enumerate(brackets):
+            at_least = torch.ge(mag, low, out=scratch.like("at_least", mag, torch.bool))
+            above_low[i] += int(at_least.sum())
+            members = inside[i]
+            if members is None:
+                continue
+            members.append(mag[at_least.logical_and_(torch.le(mag, high, out=scratch.like("at_most", mag, torch.bool)))])
+            held[i] += members[-1].numel()
+            if held[i] > BRACKET_LIMIT:
+                inside[i] = None
+    found: list[float | None] = []
+    for rank, count, members in zip(ranks, above_low, inside):
+        if members is None:
+            found.append(None)
+            continue
+        values = torch.cat(members) if members else torch.empty(0)
+        above = count - values.numel()  # entries above the bracket
+        k = rank - above  # the rank's place among the bracket's entries, largest first
+        found.append(float(values.kthvalue(values.numel() - k + 1).values) if 1 <= k <= values.numel() else None)
+    return found
+
+
+def _histogrammed(vector: Passes, ranks: Sequence[int]) -> list[float]:
+    """Each rank's magnitude in two passes: non-negative float32 values order like their bit
+    patterns, so one histogram of the top 16 bits finds the bucket that holds each wanted rank;
+    only those buckets' members are then collected and sorted."""
     scratch = Scratch()
 
     def bucketed(part: Tensor) -> tuple[Tensor, Tensor]:
@@ -137,7 +239,7 @@ def magnitudes_at_ranks(source: BlockSource, n: int, ranks: Sequence[int]) -> li
         return mag, torch.bitwise_right_shift(mag.view(torch.int32), 16, out=scratch.like("bucket", mag, torch.int32))
 
     counts: Tensor | None = None
-    for part in source():
+    for part in vector.blocks():
         found = torch.bincount(bucketed(part)[1], minlength=_BUCKETS)
         counts = found if counts is None else counts.add_(found)
     assert counts is not None
@@ -147,7 +249,7 @@ def magnitudes_at_ranks(source: BlockSource, n: int, ranks: Sequence[int]) -> li
         top = int(torch.searchsorted(above, torch.tensor(rank, device=above.device)))
         wanted.append((_BUCKETS - 1 - top, rank - (int(above[top - 1]) if top > 0 else 0)))
     members: dict[int, list[Tensor]] = {bucket: [] for bucket, _ in wanted}
-    for part in source():
+    for part in vector.blocks():
         mag, bucket_of = bucketed(part)
         for bucket, chosen in members.items():
             chosen.append(mag[bucket_of == bucket])
@@ -158,27 +260,27 @@ def magnitudes_at_ranks(source: BlockSource, n: int, ranks: Sequence[int]) -> li
 
 def magnitude_at_rank(x: Tensor, rank: int) -> float:
     """The ``rank``-th largest |x| (1-based) of a tensor; see ``magnitudes_at_ranks``."""
-    return magnitudes_at_ranks(lambda: blocks(x), x.numel(), [rank])[0]
+    return magnitudes_at_ranks(Held(x), [rank])[0]
 
 
 @dataclass(frozen=True)
 class Sub:
-    """A sparsifier: ``prepare(source, n, params)`` reads the task vector (its ``n`` entries as
-    blocks from ``source``) for what its rule needs, ``apply(block, prepared, params, generator,
-    scratch)`` changes one row block in place (its temporaries in ``scratch``, one per pass).
-    Calling it does both over a whole task vector, in place."""
+    """A sparsifier: ``prepare(vector, params)`` reads the task vector (``Passes``) for what its
+    rule needs, ``apply(block, prepared, params, generator, scratch)`` changes one row block in
+    place (its temporaries in ``scratch``, one per pass). Calling it does both over a whole task
+    vector, in place."""
 
-    prepare: Callable[[BlockSource, int, Params], Any]
+    prepare: Callable[[Passes, Params], Any]
     apply: Callable[[Tensor, Any, Params, torch.Generator | None, Scratch], None]
 
     def __call__(self, delta: Tensor, params: Params, generator: torch.Generator | None = None) -> Tensor:
-        prepared, scratch = self.prepare(lambda: blocks(delta), delta.numel(), params), Scratch()
+        prepared, scratch = self.prepare(Held(delta), params), Scratch()
         for part in blocks(delta):
             self.apply(part, prepared, params, generator, scratch)
         return delta
 
 
-def _nothing(source: BlockSource, n: int, params: Params) -> None:
+def _nothing(vector: Passes, params: Params) -> None:
     """``prepare`` of a Sub that decides entry by entry."""
     return None
 
@@ -206,17 +308,19 @@ def _keep_band(part: Tensor, band: Band, params: Params, generator: torch.Genera
         part.mul_(torch.lt(mag, band.high, out=mask))
 
 
-def _top_band(source: BlockSource, n: int, params: Params) -> Band:
+def _top_band(vector: Passes, params: Params) -> Band:
     """TIES trim: the ``density`` fraction of largest-magnitude entries."""
+    n = vector.numel
     keep = count_for(params["density"], n)
     if keep == 0:
         return Band(empty=True)
-    return Band(low=magnitudes_at_ranks(source, n, [keep])[0]) if keep < n else Band()
+    return Band(low=magnitudes_at_ranks(vector, [keep])[0]) if keep < n else Band()
 
 
-def _middle_band(source: BlockSource, n: int, params: Params) -> Band:
+def _middle_band(vector: Passes, params: Params) -> Band:
     """Breadcrumbs: drop the largest ``gamma`` fraction (outliers) and the smallest entries so
     that a ``density`` fraction remains."""
+    n = vector.numel
     top, keep = count_for(params["gamma"], n), count_for(params["density"], n)
     keep = min(keep, n - top)
     if keep == 0:
@@ -224,7 +328,7 @@ def _middle_band(source: BlockSource, n: int, params: Params) -> Band:
     low_rank = top + keep if top + keep < n else None  # the smallest kept magnitude, when smaller ones are dropped
     high_rank = top or None  # the smallest outlier dropped
     wanted = [r for r in (low_rank, high_rank) if r is not None]
-    found = dict(zip(wanted, magnitudes_at_ranks(source, n, wanted)))
+    found = dict(zip(wanted, magnitudes_at_ranks(vector, wanted)))
     return Band(found.get(low_rank), found.get(high_rank))
 
 

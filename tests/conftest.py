@@ -1,24 +1,31 @@
-"""The running app, started once per test session for the API and browser tests.
+"""The running app, started once per test session for the API and browser tests, and the
+command line called in this process.
 
 ``python app.py`` runs as a subprocess on a free loopback port, on the pocket preset, with a
-temporary fusion cache (so it really fuses), exactly as a user starts it.
+temporary fusion cache (so it really fuses), exactly as a user starts it. ``python -m fusion``
+runs in this process (``cli``): a subprocess costs a second of start-up per call, and
+test_cli.py keeps one real one for the exit status.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+
+from fusion.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT = 180.0
@@ -120,3 +127,38 @@ def queue_call(url: str, api_name: str, data: list, session: str, timeout: float
             if time.monotonic() > deadline:
                 break
     raise TimeoutError(f"{api_name} did not complete in {timeout} s")
+
+
+class CliRun(NamedTuple):
+    """One ``fusion.cli.main`` call, its fields named as ``subprocess.run`` names them."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliRun]:
+    """``python -m fusion ARGS`` in this process: ``cli(*ARGS)`` is main's status and what this
+    call alone printed (progress and notes go to stderr)."""
+
+    def run(*args: str) -> CliRun:
+        capsys.readouterr()  # drop what the test printed before
+        status = main(list(args))
+        return CliRun(status, *capsys.readouterr())
+
+    return run
+
+
+@pytest.fixture(autouse=True)
+def bare_fusion_logger() -> Iterator[None]:
+    """Every test starts with the ``fusion`` logger as a fresh process has it, and leaves it as it
+    found it. ``main`` gives it a handler on the sys.stderr of the moment, once: left in place, a
+    later test's notes would go to an earlier test's captured (and closed) stderr."""
+    logger = logging.getLogger("fusion")
+    handlers, level = logger.handlers[:], logger.level
+    logger.handlers.clear()
+    logger.setLevel(logging.NOTSET)
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)

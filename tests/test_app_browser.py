@@ -17,7 +17,10 @@ from fusion.evaluate import load_probes
 from fusion.presets import get_preset, probe_path
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (.ci/run installs it)"),
+]
 
 
 def settled_texts(locator, timeout: float = 60.0) -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 
 from fusion.cli import main
 from fusion.errors import FusionError
-from fusion.evaluate import Probe, bench_model, is_correct, load_probes, parse_methods, run_sweep
+from fusion.evaluate import SWEEPS, Probe, bench_model, is_correct, load_probes, parse_methods, run_sweep, spread
 from fusion.plots import bench_figure
 from fusion.presets import get_preset, probe_path
 from fusion.report import RATES, markdown_table, per_probe_table
@@ -184,10 +184,17 @@ def test_shipped_pair_forgets_and_fusion_gives_language_back(bench):
 
 
 def test_sweep_walks_each_knob_and_plots(tmp_path, monkeypatch):
+    """Three points of the knob (both ends and the middle), not all eight: each is a merge and a bench."""
     monkeypatch.setenv("NEURON_FUSION_CACHE", str(tmp_path / "cache"))
-    rows = run_sweep(POCKET, ["task_arithmetic"], tmp_path / "sweep", limit=3, log=lambda *_: None)
-    fused = [r for r in rows if r["model"] == "fused"]
-    assert [r["value"] for r in fused] == [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0]
-    assert all(r["knob"] == "lambda" and r["params"]["lambda"] == r["value"] for r in fused)
+    rows = run_sweep(POCKET, ["task_arithmetic"], tmp_path / "sweep", limit=3, points=3, log=lambda *_: None)
+    assert [r["model"] for r in rows] == ["base", "tuned", "fused", "fused", "fused"]
+    fused = rows[2:]
+    assert [r["value"] for r in fused] == [0.0, 0.5, 1.0]
+    assert all(r["method"] == "task_arithmetic" and r["knob"] == "lambda" and r["params"]["lambda"] == r["value"] for r in fused)
     assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == rows
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    values = SWEEPS["task_arithmetic"][0][1]
+    assert spread(values, None) == values  # by default, every value
+    with pytest.raises(FusionError, match="at least 2 points"):
+        run_sweep(POCKET, ["task_arithmetic"], tmp_path / "one", points=1)
+    assert not (tmp_path / "one").exists()  # refused before any scoring

@@ -1,8 +1,12 @@
-"""``python -m fusion`` as scripts call it: a real subprocess, exit codes, stdout and stderr."""
+"""The command line as scripts call it: exit codes, stdout and stderr. ``fusion.cli.main`` runs
+in this process (the ``cli`` fixture); one test runs ``python -m fusion`` for real, for the exit
+status a script sees, and one runs a fresh interpreter to see what parsing imports."""
 
 import json
+import logging
 import subprocess
 import sys
+import threading
 from importlib import import_module
 from pathlib import Path
 
@@ -10,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import CliRun
+from fusion.cli import main
+from fusion.output import Slot
 from tiny_models import build_pair
 
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "fusion", *args], capture_output=True, text=True, timeout=300)
+LISTED = ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +27,29 @@ def pair(tmp_path_factory):
     return build_pair(tmp_path_factory.mktemp("cli"), layout="llava")
 
 
-def test_merge_with_parameters_and_progress(pair, tmp_path):
+def assert_one_error_line(run: CliRun | subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Exit status 2 and a single 'error: ...' line on stderr that holds ``fragment``."""
+    assert run.returncode == 2, run
+    assert run.stderr.startswith("error: ") and fragment in run.stderr and len(run.stderr.splitlines()) == 1, run.stderr
+
+
+def assert_lists_every_method(stdout: str) -> None:
+    assert all(f"\n{name}:" in "\n" + stdout for name in LISTED)
+
+
+def test_python_m_fusion_exits_with_the_status_of_main(pair, tmp_path):
+    """The one real ``python -m fusion``: the process exits 0, or 2 with one line and no traceback."""
+    fusion = [sys.executable, "-m", "fusion"]
+    listed = subprocess.run([*fusion, "methods"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and listed.stderr == ""
+    assert_lists_every_method(listed.stdout)
+    merge = ["merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties", "--set", "density=2", "--out", str(tmp_path / "x")]
+    refused = subprocess.run([*fusion, *merge], capture_output=True, text=True, timeout=300)
+    assert_one_error_line(refused, "'density' of method 'ties' is 2.0")
+    assert "Traceback" not in refused.stderr and not (tmp_path / "x").exists()
+
+
+def test_merge_with_parameters_and_progress(pair, tmp_path, cli):
     out = tmp_path / "fused"
     run = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "neu-p-bread",
               "--set", "top_ratio=0.1", "--set", "density=0.8", "--out", str(out), "--device", "cpu", "--seed", "3", "--shard-size", "30KB")
@@ -39,7 +66,7 @@ def test_merge_with_parameters_and_progress(pair, tmp_path):
     assert again.returncode == 0 and "already there" in again.stdout
 
 
-def test_plain_llm_pair_merges_every_tensor(tmp_path):
+def test_plain_llm_pair_merges_every_tensor(tmp_path, cli):
     llm = build_pair(tmp_path, layout="llm")
     run = cli("merge", "--tuned", str(llm.tuned), "--base", str(llm.base), "--method", "task_arithmetic", "--set", "lambda=0", "--out", str(tmp_path / "o"), "--quiet")
     assert run.returncode == 0, run.stderr
@@ -52,7 +79,7 @@ def test_plain_llm_pair_merges_every_tensor(tmp_path):
     assert out.keys() == base.keys() and all(torch.equal(out[k], base[k]) for k in out)
 
 
-def test_inspect_prints_a_table_and_writes_json_and_plot(pair, tmp_path):
+def test_inspect_prints_a_table_and_writes_json_and_plot(pair, tmp_path, cli):
     run = cli("inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--set", "top_ratio=0.03125", "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "c.png"))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
@@ -74,22 +101,20 @@ def test_inspect_prints_a_table_and_writes_json_and_plot(pair, tmp_path):
         (["--method", "dare", "--seed", "-1"], "seed must be a non-negative integer"),
     ],
 )
-def test_errors_exit_2_with_one_line(pair, tmp_path, args, fragment):
-    run = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--out", str(tmp_path / "x"), *args)
-    assert run.returncode == 2
-    assert run.stderr.startswith("error: ") and fragment in run.stderr and "Traceback" not in run.stderr
+def test_errors_exit_2_with_one_line(pair, tmp_path, cli, args, fragment):
+    assert_one_error_line(cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--out", str(tmp_path / "x"), *args), fragment)
     assert not (tmp_path / "x").exists()
 
 
-def test_methods_lists_every_method():
+def test_methods_lists_every_method(cli):
     run = cli("methods")
     assert run.returncode == 0
-    for name in ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread"):
-        assert f"\n{name}:" in "\n" + run.stdout
+    assert_lists_every_method(run.stdout)
 
 
 @pytest.mark.parametrize("args", [["methods"], ["--help"], ["merge", "--help"]])
 def test_listing_and_parsing_import_no_torch(args):
+    """A fresh interpreter: this process imported torch long ago."""
     code = "import sys\nfrom fusion.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n    print('torch' in sys.modules)"
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
     assert run.stdout.splitlines()[-1] == "False"
@@ -99,11 +124,9 @@ def test_console_script_is_the_cli_and_returns_its_status(capsys):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     scripts = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["neuron-fusion"].partition(":")
-    main = getattr(import_module(module), func)
-    assert main(["methods"]) == 0
-    listed = "\n" + capsys.readouterr().out
-    names = ("task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion", "neu-p-taska", "neu-p-bread")
-    assert all(f"\n{name}:" in listed for name in names)
+    script = getattr(import_module(module), func)
+    assert script(["methods"]) == 0
+    assert_lists_every_method(capsys.readouterr().out)
 
 
 # --- the output and eval's checks: one line, exit 2, before any work -----------------------
@@ -114,24 +137,25 @@ def test_console_script_is_the_cli_and_returns_its_status(capsys):
     [("0", "results", "--limit must be at least 1, got 0"), ("-2", "results", "--limit must be at least 1, got -2"),
      ("1", "file/results", "is a file, in the way of the directory")],
 )
-def test_eval_checks_limit_and_out_before_any_scoring(tmp_path, limit, out, fragment):
+def test_eval_checks_limit_and_out_before_any_scoring(tmp_path, monkeypatch, cli, limit, out, fragment):
+    monkeypatch.setenv("NEURON_FUSION_CACHE", str(tmp_path / "cache"))  # were it to fuse, not into the user's cache
     (tmp_path / "file").write_text("x")
     run = cli("eval", "--preset", "pocket", "--methods", "ties", "--limit", limit, "--out", str(tmp_path / out))
-    assert run.returncode == 2 and run.stdout == ""  # no model was scored
-    assert run.stderr.startswith("error: ") and fragment in run.stderr and len(run.stderr.splitlines()) == 1
-    assert not (tmp_path / "results").exists()
+    assert run.stdout == ""  # no model was scored
+    assert_one_error_line(run, fragment)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "cache").exists()
 
 
-def test_eval_creates_its_out_first(tmp_path, monkeypatch):
+def test_eval_creates_its_out_first(tmp_path, monkeypatch, cli):
     import fusion.evaluate
-    from fusion.cli import main
 
     def scored(preset, methods, out, **kwargs):
         assert out.is_dir()  # made and proven writable before the scoring
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fusion.evaluate, "run_bench", scored)
-    assert main(["eval", "--preset", "pocket", "--methods", "ties", "--out", str(tmp_path / "new" / "results")]) == 130
+    run = cli("eval", "--preset", "pocket", "--methods", "ties", "--out", str(tmp_path / "new" / "results"))
+    assert run.returncode == 130 and run.stderr == "interrupted; nothing was left behind\n"
     assert [p.name for p in (tmp_path / "new" / "results").iterdir()] == []  # the probe file is gone
 
 
@@ -139,26 +163,64 @@ def test_eval_creates_its_out_first(tmp_path, monkeypatch):
     (lambda tmp: (tmp / "link").symlink_to(tmp), "link", "is a symbolic link"),
     (lambda tmp: (tmp / "file").write_text("x"), "file/fused", "is a file, in the way of the directory"),
 ])
-def test_merge_into_an_unusable_out_is_one_line(pair, tmp_path, make, out, fragment):
+def test_merge_into_an_unusable_out_is_one_line(pair, tmp_path, cli, make, out, fragment):
     make(tmp_path)
     before = sorted(tmp_path.iterdir())
-    run = cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / out))
-    assert run.returncode == 2 and run.stderr.startswith("error: ") and fragment in run.stderr and len(run.stderr.splitlines()) == 1
+    assert_one_error_line(cli("merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / out)), fragment)
     assert sorted(tmp_path.iterdir()) == before
 
 
-def test_two_merges_into_one_out_at_once_both_succeed(pair, tmp_path):
-    merge = [sys.executable, "-m", "fusion", "merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties",
-             "--out", str(tmp_path / "fused"), "--quiet"]
-    procs = [subprocess.Popen(merge, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    runs = [(*p.communicate(timeout=300), p.returncode) for p in procs]
-    assert [rc for _, _, rc in runs] == [0, 0] and not any("Traceback" in err for _, err, _ in runs)
-    assert sorted("already there" in out for out, _, _ in runs) == [False, True]
+class Signal(logging.Handler):
+    """Sets ``seen`` when a record's message holds ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.seen.set()
 
 
-def test_inspect_json_is_strict_and_a_bad_path_is_one_line(pair, tmp_path, monkeypatch, capsys):
+def test_two_merges_into_one_out_at_once_both_succeed(pair, tmp_path, monkeypatch, capsys):
+    """Two merges of one --out, in threads: the builder publishes only once the other is waiting
+    for the lock, which then serves what it built. ``flock`` locks an open file, not a process,
+    so two threads exclude each other as two processes do (``lockf`` would let both in, and the
+    builder would wait in vain)."""
+    waiting = Signal("another merge is building this output; waiting")
+    publish = Slot.publish
+
+    def publish_once_the_other_waits(slot: Slot, record: dict) -> dict:
+        assert waiting.seen.wait(30), "the other merge never waited for the lock"
+        return publish(slot, record)
+
+    monkeypatch.setattr(Slot, "publish", publish_once_the_other_waits)
+    merge = ["merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / "fused"), "--quiet"]
+    statuses, errors = [], []
+
+    def run() -> None:
+        try:
+            statuses.append(main(merge))
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    logging.getLogger().addHandler(waiting)  # the root's: main gives the fusion logger its own handler only if it has none
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        logging.getLogger().removeHandler(waiting)
+    out, err = capsys.readouterr()
+    assert errors == [] and statuses == [0, 0] and "Traceback" not in err
+    assert "another merge is building this output" in err  # the note the waiting one shows
+    assert sorted("already there" in line for line in out.splitlines()) == [False, True]
+
+
+def test_inspect_json_is_strict_and_a_bad_path_is_one_line(pair, tmp_path, monkeypatch, cli):
     import fusion.merge
-    from fusion.cli import main
 
     real = fusion.merge.inspect_pair
 
@@ -169,9 +231,8 @@ def test_inspect_json_is_strict_and_a_bad_path_is_one_line(pair, tmp_path, monke
 
     monkeypatch.setattr(fusion.merge, "inspect_pair", with_nan)
     inspect = ["inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--json"]
-    assert main([*inspect, str(tmp_path / "r.json")]) == 0
+    assert cli(*inspect, str(tmp_path / "r.json")).returncode == 0
     report = json.loads((tmp_path / "r.json").read_text(), parse_constant=lambda word: pytest.fail(f"{word} is not JSON"))
     assert set(report["kinds"][0]["quantiles"].values()) == {None}
-    capsys.readouterr()
-    assert main([*inspect, str(tmp_path / "no" / "r.json")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'no' / 'r.json'}: No such file or directory\n"
+    bad = cli(*inspect, str(tmp_path / "no" / "r.json"))
+    assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path / 'no' / 'r.json'}: No such file or directory\n"

@@ -102,6 +102,48 @@ def test_magnitude_at_rank_agrees_with_sort():
         assert sparsify.magnitude_at_rank(x, rank) == float(ordered[rank - 1])
 
 
+def _ranked(values, ranks):
+    ordered = values.abs().flatten().sort(descending=True).values
+    return [float(ordered[r - 1]) for r in ranks]
+
+
+@pytest.mark.parametrize("make", ["gaussian", "equal_runs", "sample_unlike_the_rest"])
+def test_magnitudes_at_ranks_is_exact_whichever_pass_finds_them(make, monkeypatch):
+    """The one-pass search (brackets placed by a sample) and its two-pass fallback (a
+    histogram) give the sorted answer; a sample that misrepresents the vector makes the
+    brackets miss, and the fallback must then answer, not the brackets."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 197, generator=g)
+    if make == "equal_runs":  # many ties, so that a rank falls inside a run of equal values
+        x = torch.randint(-6, 7, (300, 197), generator=g).float()
+    monkeypatch.setattr(sparsify, "SAMPLE_ENTRIES", 1000)
+    step = sparsify._sample_step(x.shape, 1000)
+    if make == "sample_unlike_the_rest":  # the sampled entries are tiny, every other entry large
+        flat = x.view(-1)
+        flat.mul_(100.0)
+        flat[::step] *= 1e-4
+    histogrammed = []
+    real = sparsify._histogrammed
+    monkeypatch.setattr(sparsify, "_histogrammed", lambda v, r: histogrammed.append(list(r)) or real(v, r))
+    ranks = [1, 17, x.numel() // 5, x.numel() // 2, x.numel() - 3, x.numel()]
+    for vector in (sparsify.Held(x.clone()), sparsify.TaskVector(torch.zeros_like(x), x)):
+        histogrammed.clear()
+        assert sparsify.magnitudes_at_ranks(vector, ranks) == _ranked(x, ranks)
+        if make == "sample_unlike_the_rest":
+            assert histogrammed and histogrammed[0]  # the brackets missed: the fallback answered
+        else:
+            assert histogrammed == []  # found in one pass
+    assert step > 1 and sparsify.magnitudes_at_ranks(sparsify.Held(x[:3, :5].clone()), [4]) == _ranked(x[:3, :5], [4])
+
+
+def test_a_bracket_that_collects_too_much_gives_way_to_the_histogram(monkeypatch):
+    x = torch.ones(400, 300)
+    x[0, 0] = 2.0  # all but one entry equal: any bracket around rank 100 holds nearly all of them
+    monkeypatch.setattr(sparsify, "SAMPLE_ENTRIES", 1000)
+    monkeypatch.setattr(sparsify, "BRACKET_LIMIT", 5000)
+    assert sparsify.magnitudes_at_ranks(sparsify.Held(x), [1, 100]) == [2.0, 1.0]
+
+
 def test_dare_mask_statistics_and_fixed_mask_result():
     base, tuned = pair(shape=(400, 250), seed=5)
     got = merge("dare", base, tuned, torch.Generator().manual_seed(9), density=0.3)

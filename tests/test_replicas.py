@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from replicas import REPLICAS, write_replica
 from safetensors.torch import load_file
 
-from conftest import ROOT, running_app
+from conftest import ROOT, CliRun, running_app
 from fusion import cli
 from fusion.architectures import SHARED_MODULES
 from studio import state
@@ -102,17 +103,19 @@ def readme_merge_command() -> str:
     return match.group(0).replace("\\\n", " ")
 
 
-def test_readme_merge_command_runs_verbatim(hub: Hub, tmp_path: Path) -> None:
+def test_readme_merge_command_runs_verbatim(offline: Hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Callable[..., CliRun]) -> None:
+    """The README's command as it stands, in a shell; then, in this process (the same replica
+    cache: ``offline``), with ``--no-pickle`` added."""
     command = readme_merge_command()
     assert "llava-hf/llava-1.5-7b-hf" in command and "lmsys/vicuna-7b-v1.5" in command
-    run = subprocess.run(command, shell=True, cwd=tmp_path, env={**os.environ, **hub.env}, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(command, shell=True, cwd=tmp_path, env={**os.environ, **offline.env}, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "pytorch_model-00001-of-00002.bin, pytorch_model-00002-of-00002.bin" in run.stderr and "weights_only" in run.stderr
     out = tmp_path / shlex.split(command)[shlex.split(command).index("--out") + 1]
     assert json.loads((out / "fusion_recipe.json").read_text())["params"]["inner"] == "task_arithmetic"
     for sidecar in ("tokenizer.json", "tokenizer.model", "chat_template.json", "processor_config.json", "preprocessor_config.json"):
         assert (out / sidecar).is_file()
-    snapshot = next((hub.cache / "models--llava-hf--llava-1.5-7b-hf" / "snapshots").iterdir())
+    snapshot = next((offline.cache / "models--llava-hf--llava-1.5-7b-hf" / "snapshots").iterdir())
     fused = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
     tuned = {k: v for f in snapshot.glob("*.safetensors") for k, v in load_file(f).items()}
     assert fused.keys() == tuned.keys()
@@ -122,8 +125,8 @@ def test_readme_merge_command_runs_verbatim(hub: Hub, tmp_path: Path) -> None:
     assert torch.equal(fused["language_model.lm_head.weight"][-64:], tuned["language_model.lm_head.weight"][-64:])
     assert not torch.equal(fused["language_model.lm_head.weight"], tuned["language_model.lm_head.weight"])
 
-    refused = subprocess.run(command.replace("fused/", "refused/") + " --no-pickle", shell=True, cwd=tmp_path, env={**os.environ, **hub.env},
-                             capture_output=True, text=True, timeout=300)
+    monkeypatch.chdir(tmp_path)  # the README's --out is relative
+    refused = cli(*shlex.split(command.replace("fused/", "refused/"))[3:], "--no-pickle")  # the words after "python -m fusion"
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "--no-pickle" in refused.stderr and "pytorch_model-00001-of-00002.bin" in refused.stderr
 
