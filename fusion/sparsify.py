@@ -54,7 +54,7 @@ class Passes(Protocol):
 BLOCK_ELEMENTS = 1 << 20
 _BUCKETS = 1 << 15  # the top 16 bits of a non-negative float32 (its sign bit is 0)
 # entries of |Δ| sampled to place the brackets of ``magnitudes_at_ranks`` (all of a smaller vector)
-SAMPLE_ENTRIES = 1 << 18
+SAMPLE_ENTRIES = 1 << 16
 # most entries a bracket may collect in its pass (a sample gone wrong then costs nothing more)
 BRACKET_LIMIT = 1 << 21
 
@@ -185,20 +185,23 @@ def _bracketed(vector: Passes, ranks: Sequence[int]) -> list[float | None]:
     """Each rank's magnitude found in one pass between brackets that a sample places, or None
     where the bracket does not hold it. A vector no larger than the sample is answered from it."""
     n = vector.numel
-    sample = vector.sample(SAMPLE_ENTRIES).abs_().sort(descending=True).values
+    sample = vector.sample(SAMPLE_ENTRIES).abs_()
     s = sample.numel()
     if s == n:
-        return [float(sample[rank - 1]) for rank in ranks]
+        ordered = sample.sort(descending=True).values
+        return [float(ordered[rank - 1]) for rank in ranks]
+
+    def largest(k: int) -> float:  # the sample's k-th largest (0-based), without sorting it
+        return float(sample.kthvalue(s - k).values)
+
     brackets = []
     for rank in ranks:
-        at = rank / n * s  # where the rank should fall among the sorted sample
+        at = rank / n * s  # where the rank should fall among the sample's entries, largest first
         # six binomial standard deviations of a sample's rank, and a few entries for small ones
         spread = 6 * math.sqrt(at * (1 - rank / n)) + 8
         first, last = math.floor(at - spread), math.ceil(at + spread)
         # a bracket that reaches the sample's largest (smallest) entry is open on that side
-        high = float(sample[first]) if first > 0 else math.inf
-        low = float(sample[last]) if last < s - 1 else 0.0
-        brackets.append((low, high))
+        brackets.append((largest(last) if last < s - 1 else 0.0, largest(first) if first > 0 else math.inf))
     above_low = [0] * len(ranks)  # entries >= the bracket's low end
     inside: list[list[Tensor] | None] = [[] for _ in ranks]  # entries in [low, high], or None: too many
     held = [0] * len(ranks)
@@ -207,7 +210,7 @@ def _bracketed(vector: Passes, ranks: Sequence[int]) -> list[float | None]:
         mag = torch.abs(part, out=scratch.like("mag", part)).reshape(-1)
         for i, (low, high) in enumerate(brackets):
             at_least = torch.ge(mag, low, out=scratch.like("at_least", mag, torch.bool))
-            above_low[i] += int(at_least.sum())
+            above_low[i] += int(torch.count_nonzero(at_least))
             members = inside[i]
             if members is None:
                 continue
