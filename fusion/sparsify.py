@@ -55,6 +55,7 @@ BLOCK_ELEMENTS = 1 << 20
 _BUCKETS = 1 << 15  # the top 16 bits of a non-negative float32 (its sign bit is 0)
 # entries of |Δ| sampled to place the brackets of ``magnitudes_at_ranks`` (all of a smaller vector)
 SAMPLE_ENTRIES = 1 << 16
+SAMPLE_RUN = 256  # consecutive entries read together by a sample
 # most entries a bracket may collect in its pass (a sample gone wrong then costs nothing more)
 BRACKET_LIMIT = 1 << 21
 
@@ -134,8 +135,11 @@ class TaskVector:
         return (self.block(rows)[0] for rows in self.rows())
 
     def sample(self, count: int) -> Tensor:
-        step = _sample_step(self.base.shape, count)
-        return self.tuned.reshape(-1)[::step].to(torch.float32, copy=True).sub_(self.base.reshape(-1)[::step].float())
+        at = sample_positions(self.base.shape, count)
+        tuned, base = self.tuned.reshape(-1), self.base.reshape(-1)
+        if at is None:
+            return tuned.to(torch.float32, copy=True).sub_(base.float())
+        return tuned[at].float().sub_(base[at].float())
 
 
 class Held:
@@ -149,16 +153,27 @@ class Held:
         return blocks(self.delta)
 
     def sample(self, count: int) -> Tensor:
-        return self.delta.reshape(-1)[:: _sample_step(self.delta.shape, count)].clone()
+        at = sample_positions(self.delta.shape, count)
+        flat = self.delta.reshape(-1)
+        return flat.clone() if at is None else flat[at]
 
 
-def _sample_step(shape: Sequence[int], count: int) -> int:
-    """Every how many entries (in storage order) a sample of about ``count`` takes one: prime to
-    the row width, so that the sample goes through every column, not a few."""
-    width, step = math.prod(shape[1:]), max(1, math.ceil(math.prod(shape) / max(count, 1)))
-    while step > 1 and math.gcd(step, width) > 1:
-        step += 1
-    return step
+def sample_positions(shape: Sequence[int], count: int) -> Tensor | None:
+    """Where a sample of about ``count`` entries of a tensor of ``shape`` is read (flat
+    positions), or None for all of them when it has no more.
+
+    Runs of SAMPLE_RUN consecutive entries, evenly spaced: a run is a few cache lines, where
+    single entries spread as widely would each cost one (and a TLB miss). The spacing is made
+    prime to the row width so that the runs start at every column, not at a few."""
+    n, width = math.prod(shape), math.prod(shape[1:])
+    if n <= count:
+        return None
+    runs = max(1, count // SAMPLE_RUN)
+    step = n // runs
+    while step > SAMPLE_RUN and math.gcd(step, width) > 1:
+        step -= 1
+    starts = torch.arange(runs, dtype=torch.int64).mul_(step)
+    return starts.unsqueeze(1).add(torch.arange(min(SAMPLE_RUN, n), dtype=torch.int64)).reshape(-1)
 
 
 def magnitudes_at_ranks(vector: Passes, ranks: Sequence[int]) -> list[float]:

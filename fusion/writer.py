@@ -89,6 +89,7 @@ def _header(entries: Sequence[Entry], metadata: Mapping[str, str]) -> bytes:
 # bytes written between two waits for the disk: small enough that the page cache holding a
 # shard's unwritten bytes stays small, large enough that the waits are few
 WRITEBACK_WINDOW = 32 << 20
+WRITE_AHEAD = 256 << 20  # bytes of merged tensors that may wait for the writer
 _datasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
@@ -151,9 +152,12 @@ class ShardedWriter:
         self._order = [(i, e) for i, shard in enumerate(shards) for e in shard]
         self._entries = {e.name: e for _, e in self._order}
         self._next = 0
-        # at most this many tensors wait to be written: enough to keep the disk busy while the
-        # next is computed, few enough that waiting tensors stay a small part of peak memory
-        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue(maxsize=2)
+        # tensors waiting to be written, and their bytes: up to WRITE_AHEAD, so that the merge
+        # goes on while the disk catches up (a Neuron-Fusion kind's tensors come all at once)
+        # and waiting tensors stay a bounded part of peak memory
+        self._queue: queue.Queue[tuple[int, torch.Tensor] | None] = queue.Queue()
+        self._waiting = 0
+        self._room = threading.Condition()
         self._lock = threading.Lock()
         self._lent: set[int] = set()  # data pointers of the buffers handed out and not yet written
         self._free: dict[int, list[torch.Tensor]] = {}  # written buffers by size in bytes, as uint8
@@ -193,7 +197,13 @@ class ShardedWriter:
                 f"writer expected {entry.name} {entry.shape} {entry.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
         self._next += 1
-        self._queue.put((shard, tensor.detach().to("cpu").contiguous()))  # no copy for a contiguous CPU tensor
+        tensor = tensor.detach().to("cpu").contiguous()  # no copy for a contiguous CPU tensor
+        with self._room:
+            self._room.wait_for(lambda: not self._waiting or self._waiting + tensor.nbytes <= WRITE_AHEAD or self._error)
+            self._waiting += tensor.nbytes
+        if self._error:
+            raise self._error
+        self._queue.put((shard, tensor))
 
     def close(self) -> None:
         """Wait for the writes to finish, check that every entry was written, write the index."""
@@ -211,13 +221,11 @@ class ShardedWriter:
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        """Stop the writer thread after a failure elsewhere (files are left for the caller)."""
-        self._error = self._error or RuntimeError("aborted")
-        while True:  # unblock a full queue, then signal the end
-            try:
-                self._queue.get_nowait()
-            except queue.Empty:
-                break
+        """Stop the writer thread after a failure elsewhere (files are left for the caller); the
+        tensors still waiting are not written."""
+        with self._room:
+            self._error = self._error or RuntimeError("aborted")
+            self._room.notify()
         self._queue.put(None)
         self._thread.join()
 
@@ -237,8 +245,13 @@ class ShardedWriter:
                     handle = ShardFile(self.directory / self.names[shard], _header(self.shards[shard], self.metadata))
                 handle.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
                 self._recycle(tensor)
+                with self._room:
+                    self._waiting -= tensor.nbytes
+                    self._room.notify()
         except BaseException as err:  # reported to the producer on its next call
-            self._error = err
+            with self._room:
+                self._error = err
+                self._room.notify()
             while self._queue.get() is not None:
                 pass
         finally:

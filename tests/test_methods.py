@@ -117,11 +117,11 @@ def test_magnitudes_at_ranks_is_exact_whichever_pass_finds_them(make, monkeypatc
     if make == "equal_runs":  # many ties, so that a rank falls inside a run of equal values
         x = torch.randint(-6, 7, (300, 197), generator=g).float()
     monkeypatch.setattr(sparsify, "SAMPLE_ENTRIES", 1000)
-    step = sparsify._sample_step(x.shape, 1000)
+    at = sparsify.sample_positions(x.shape, 1000)
     if make == "sample_unlike_the_rest":  # the sampled entries are tiny, every other entry large
         flat = x.view(-1)
         flat.mul_(100.0)
-        flat[::step] *= 1e-4
+        flat[at] *= 1e-4
     histogrammed = []
     real = sparsify._histogrammed
     monkeypatch.setattr(sparsify, "_histogrammed", lambda v, r: histogrammed.append(list(r)) or real(v, r))
@@ -133,7 +133,18 @@ def test_magnitudes_at_ranks_is_exact_whichever_pass_finds_them(make, monkeypatc
             assert histogrammed and histogrammed[0]  # the brackets missed: the fallback answered
         else:
             assert histogrammed == []  # found in one pass
-    assert step > 1 and sparsify.magnitudes_at_ranks(sparsify.Held(x[:3, :5].clone()), [4]) == _ranked(x[:3, :5], [4])
+    assert at.numel() < x.numel() and sparsify.magnitudes_at_ranks(sparsify.Held(x[:3, :5].clone()), [4]) == _ranked(x[:3, :5], [4])
+
+
+@pytest.mark.parametrize("shape", [(5632, 2048), (2048, 5632), (32000, 2048), (3, 1000003)])
+def test_a_sample_is_spread_over_rows_and_columns(shape):
+    at = sparsify.sample_positions(shape, 1 << 16)
+    n, width = shape[0] * shape[1], shape[1]
+    assert at.numel() == 1 << 16 and at.unique().numel() == at.numel() and int(at.max()) < n
+    starts = at[:: sparsify.SAMPLE_RUN]
+    assert int(starts[-1]) > n * 0.99  # to the end of the tensor
+    assert starts.remainder(width).unique().numel() == min(starts.numel(), width)  # a different column each run
+    assert sparsify.sample_positions((10, 10), 1000) is None  # small: all of it
 
 
 def test_a_bracket_that_collects_too_much_gives_way_to_the_histogram(monkeypatch):
