@@ -43,8 +43,8 @@ class Passes(Protocol):
         ...
 
     def sample(self, count: int) -> Tensor:
-        """About ``count`` entries spread over the whole vector (every k-th row), float32, the
-        caller's to change; all of them when the vector has no more than ``count``."""
+        """About ``count`` entries spread over the whole vector (``sample_positions``), float32,
+        the caller's to change; all of them when the vector has no more than ``count``."""
         ...
 
 
