@@ -266,10 +266,14 @@ def reusable(out: Path, key: str, *, cached: bool) -> dict[str, Any] | None:
 
 def sync(path: Path) -> None:
     """Flush ``path`` (a file or a directory's entries) to the disk: a published output must
-    survive a crash of the machine too, and a rename is only durable once its directory is."""
+    survive a crash of the machine too, and a rename is only durable once its directory is.
+    A filesystem that cannot sync a directory (some network and FUSE ones) is taken at its word."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not (path.is_dir() and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
     finally:
         os.close(fd)
 
@@ -320,12 +324,15 @@ class Slot:
             sync(staging / name)
         sync(staging)
         if staging.parent == self.out:
-            for name in [*recipe["files"], RECIPE_FILE]:
+            for name in recipe["files"]:
                 os.replace(staging / name, self.out / name)
+            sync(self.out)  # every file in place on the disk before the recipe says it is finished
+            os.replace(staging / RECIPE_FILE, self.out / RECIPE_FILE)
             staging.rmdir()
+            sync(self.out)
         else:
             os.rename(staging, self.out)
-        sync(self.out.parent)
+            sync(self.out.parent)
         self.staging = None
         self._release()
         return recipe

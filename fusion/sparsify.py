@@ -23,6 +23,7 @@ Neuron-Fusion's selection is by location rather than by value; it lives with the
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -215,34 +216,55 @@ def _bracketed(vector: Passes, ranks: Sequence[int]) -> list[float | None]:
         # six binomial standard deviations of a sample's rank, and a few entries for small ones
         spread = 6 * math.sqrt(at * (1 - rank / n)) + 8
         first, last = math.floor(at - spread), math.ceil(at + spread)
-        # a bracket that reaches the sample's largest (smallest) entry is open on that side
-        brackets.append((largest(last) if last < s - 1 else 0.0, largest(first) if first > 0 else math.inf))
-    above_low = [0] * len(ranks)  # entries >= the bracket's low end
+        top, bottom = largest(max(first, 0)), largest(min(last, s - 1))
+        if top == bottom:  # the sample is one value there (zeros of a frozen tensor): count, don't collect
+            brackets.append((top, top))
+        else:  # a bracket that reaches the sample's largest (smallest) entry is open on that side
+            brackets.append((bottom if last < s - 1 else 0.0, top if first > 0 else math.inf))
+    above_low = [0] * len(ranks)  # entries not below the bracket's low end
+    above_high = [0] * len(ranks)  # entries above its high end, counted where the bracket is one value
     inside: list[list[Tensor] | None] = [[] for _ in ranks]  # entries in [low, high], or None: too many
     held = [0] * len(ranks)
     scratch = Scratch()
+    # compared as bit patterns, which order non-negative floats like their values and put NaN
+    # above +inf, where the histogram puts it too
+    bounds = [(_bits(low), _bits(high)) for low, high in brackets]
     for part in vector.blocks():
         mag = torch.abs(part, out=scratch.like("mag", part)).reshape(-1)
-        for i, (low, high) in enumerate(brackets):
-            at_least = torch.ge(mag, low, out=scratch.like("at_least", mag, torch.bool))
+        bits = mag.view(torch.int32)
+        for i, (low, high) in enumerate(bounds):
+            at_least = torch.ge(bits, low, out=scratch.like("at_least", mag, torch.bool))
             above_low[i] += int(torch.count_nonzero(at_least))
+            if low == high:  # one value (zeros of a frozen tensor): counts are enough, and cheap
+                above_high[i] += int(torch.count_nonzero(torch.gt(bits, high, out=at_least)))
+                continue
             members = inside[i]
             if members is None:
                 continue
-            members.append(mag[at_least.logical_and_(torch.le(mag, high, out=scratch.like("at_most", mag, torch.bool)))])
+            members.append(mag[at_least.logical_and_(torch.le(bits, high, out=scratch.like("at_most", mag, torch.bool)))])
             held[i] += members[-1].numel()
             if held[i] > BRACKET_LIMIT:
                 inside[i] = None
     found: list[float | None] = []
-    for rank, count, members in zip(ranks, above_low, inside):
+    for i, rank in enumerate(ranks):
+        low, high = brackets[i]
+        members = inside[i]
+        if low == high:
+            k, count = rank - above_high[i], above_low[i] - above_high[i]
+            found.append(low if 1 <= k <= count else None)
+            continue
         if members is None:
             found.append(None)
             continue
         values = torch.cat(members) if members else torch.empty(0)
-        above = count - values.numel()  # entries above the bracket
-        k = rank - above  # the rank's place among the bracket's entries, largest first
+        k = rank - (above_low[i] - values.numel())  # the rank's place among the bracket's entries, largest first
         found.append(float(values.kthvalue(values.numel() - k + 1).values) if 1 <= k <= values.numel() else None)
     return found
+
+
+def _bits(value: float) -> int:
+    """The bit pattern of a float32 as an int32."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
 
 
 def _histogrammed(vector: Passes, ranks: Sequence[int]) -> list[float]:

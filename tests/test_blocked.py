@@ -5,6 +5,7 @@ things that ride along: neuron scores summed during the merge, and the writer's 
 buffers."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -126,7 +127,10 @@ def test_the_merge_waits_once_write_ahead_bytes_are_waiting(tmp_path, monkeypatc
     merging = threading.Thread(target=merge, daemon=True)
     merging.start()
     try:
-        merging.join(timeout=0.5)
+        deadline = time.monotonic() + 30
+        while len(returned) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        merging.join(timeout=0.3)  # time enough to return a third time, were there room
         # t0 is in the writer's hands (stuck on the disk) and t1 waits with it: the third waits for room
         assert merging.is_alive() and returned == ["t0", "t1"]
     finally:

@@ -2,6 +2,7 @@
 reference implementations written here from its tables; and the registry's checking of names
 and values."""
 
+import math
 import subprocess
 import sys
 
@@ -145,6 +146,30 @@ def test_a_sample_is_spread_over_rows_and_columns(shape):
     assert int(starts[-1]) > n * 0.99  # to the end of the tensor
     assert starts.remainder(width).unique().numel() == min(starts.numel(), width)  # a different column each run
     assert sparsify.sample_positions((10, 10), 1000) is None  # small: all of it
+
+
+def test_nan_ranks_above_everything_whichever_pass_finds_it(monkeypatch):
+    """With --allow-nonfinite a NaN takes the place the histogram gives it, above +inf, in the
+    one-pass search too: the threshold must not depend on which pass answered."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 300, generator=g)
+    x.view(-1)[torch.randperm(x.numel(), generator=g)[:50]] = float("nan")
+    monkeypatch.setattr(sparsify, "SAMPLE_ENTRIES", 1000)
+    ranks = [10, 1000, 24000, 60000]
+    got = sparsify.magnitudes_at_ranks(sparsify.Held(x), ranks)
+    want = sparsify._histogrammed(sparsify.Held(x), ranks)
+    assert str(got) == str(want) and math.isnan(got[0]) and not math.isnan(got[1])
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.5])
+def test_a_vector_of_one_value_is_answered_in_one_pass_without_collecting_it(fill, monkeypatch):
+    """A frozen tensor's Δ is all zeros: its bracket is one value, which counts answer."""
+    x = torch.full((400, 300), fill)
+    x[7, 9] = 3.0
+    monkeypatch.setattr(sparsify, "SAMPLE_ENTRIES", 1000)
+    monkeypatch.setattr(sparsify, "BRACKET_LIMIT", 5000)  # collecting the bracket would overflow this
+    monkeypatch.setattr(sparsify, "_histogrammed", lambda v, r: pytest.fail("the fallback ran"))
+    assert sparsify.magnitudes_at_ranks(sparsify.Held(x), [2, 24000, x.numel()]) == [fill, fill, fill]
 
 
 def test_a_bracket_that_collects_too_much_gives_way_to_the_histogram(monkeypatch):

@@ -113,3 +113,18 @@ def test_large_finite_values_are_not_taken_for_nonfinite_ones():
     with pytest.raises(NonFinite) as err:
         check_finite([base, tuned])
     assert err.value.which == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_inputs_are_checked_too(dtype):
+    """float8 has no min/max kernel on the CPU: the check widens it rather than fail."""
+    base = torch.randn(64, 32).to(dtype)
+    tuned = (base.float() + 0.25).to(dtype)
+    check_finite([base, tuned])
+    merged = resolve("ties").merge(base, [tuned], torch.Generator().manual_seed(0), check=True)
+    assert merged.dtype == dtype and merged.shape == base.shape
+    tuned = tuned.float()
+    tuned[2, 3] = float("nan")
+    with pytest.raises(NonFinite) as err:
+        check_finite([base, tuned.to(dtype)])
+    assert err.value.which == 1

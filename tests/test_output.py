@@ -2,6 +2,7 @@
 and the target's lock. The same behaviour end to end, through ``fuse`` and the CLI, is in
 test_merge.py and test_cli.py."""
 
+import errno
 import fcntl
 import json
 import os
@@ -9,9 +10,11 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+from fusion import output
 from fusion.output import OWNER_FILE, json_text, lock_path, release_lock, remove_abandoned, take_lock
 
 
@@ -66,3 +69,42 @@ def test_lock_is_exclusive_and_leaves_no_file(tmp_path):
     assert got and os.fstat(got[0].fileno()).st_ino == lock_path(out).stat().st_ino  # holds the file now at the path
     release_lock(out, got[0])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_output_is_on_the_disk_before_it_is_published(tmp_path, monkeypatch, in_place):
+    """Every file, the staging directory and the directory the output lands in are synced, and
+    in an existing (mount point) directory the recipe is put in place only after the shards are
+    on the disk there: a crash of the machine never leaves a recipe naming missing files."""
+    events = []
+    monkeypatch.setattr(output, "sync", lambda path: events.append(("sync", path)))
+    real_replace = os.replace
+    monkeypatch.setattr(output.os, "replace", lambda src, dst: events.append(("place", Path(dst).name)) or real_replace(src, dst))
+    out = tmp_path / "fused"
+    if in_place:
+        out.mkdir()
+    slot = output.claim(out, "key", cached=False)
+    (slot.staging / "model.safetensors").write_bytes(b"x" * 10)
+    staging = slot.staging
+    slot.publish({"key": "key"})
+    synced = [path for kind, path in events if kind == "sync"]
+    assert staging / "model.safetensors" in synced and staging / output.RECIPE_FILE in synced and staging in synced
+    if in_place:
+        placed = [e for e in events if e[0] == "place"]
+        assert placed == [("place", "model.safetensors"), ("place", output.RECIPE_FILE)]
+        shard, recipe = events.index(placed[0]), events.index(placed[1])
+        assert ("sync", out) in events[shard:recipe] and events[-1] == ("sync", out)
+    else:
+        assert events[-1] == ("sync", tmp_path)
+    assert json.loads((out / output.RECIPE_FILE).read_text())["files"] == {"model.safetensors": 10}
+
+
+def test_a_directory_that_cannot_be_synced_is_taken_at_its_word(tmp_path, monkeypatch):
+    def refuse(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(output.os, "fsync", refuse)
+    output.sync(tmp_path)  # a directory: fine
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OSError):
+        output.sync(tmp_path / "f")  # a file that cannot be synced is an error
