@@ -195,12 +195,26 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to ``sys.stderr`` as it is when a note is emitted, not as it was
+    when the handler was made: a caller of ``main`` (a test, an embedding program) may have
+    replaced it since."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _show_notices() -> None:
     """The library's notices (``logging.getLogger("fusion")``, e.g. which pickle files it reads)
     as 'note: ...' lines on stderr, once."""
     logger = logging.getLogger("fusion")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -197,6 +197,49 @@ def magnitudes_at_ranks(vector: Passes, ranks: Sequence[int]) -> list[float]:
     return [exact[rank] if value is None else value for rank, value in zip(ranks, found)]
 
 
+class _Bracket:
+    """Where a sample says one rank lies, magnitudes in [low, high] (an end may be open: 0 or
+    +inf), and what a pass finds there: how many entries are not below ``low``, and the entries
+    inside, collected (or only counted, when the bracket is one value).
+
+    Magnitudes are compared as bit patterns, which order non-negative floats like their values
+    and put NaN above +inf, where the histogram puts it too."""
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+        self._bits = (_bits(low), _bits(high))
+        self.at_least = 0  # entries not below low
+        self.above = 0  # entries above high, counted when the bracket is one value
+        self.members: list[Tensor] | None = []  # entries inside, or None: too many to hold
+        self._held = 0
+
+    def add(self, mag: Tensor, scratch: Scratch) -> None:
+        """Count and collect one block's magnitudes (flat float32)."""
+        if self.members is None:  # overflowed: the histogram will answer
+            return
+        low, high = self._bits
+        bits = mag.view(torch.int32)
+        at_least = torch.ge(bits, low, out=scratch.like("at_least", mag, torch.bool))
+        self.at_least += int(torch.count_nonzero(at_least))
+        if low == high:  # one value (zeros of a frozen tensor): counts are enough, and cheap
+            self.above += int(torch.count_nonzero(torch.gt(bits, high, out=at_least)))
+            return
+        self.members.append(mag[at_least.logical_and_(torch.le(bits, high, out=scratch.like("at_most", mag, torch.bool)))])
+        self._held += self.members[-1].numel()
+        if self._held > BRACKET_LIMIT:
+            self.members = None
+
+    def find(self, rank: int) -> float | None:
+        """The ``rank``-th largest magnitude if the bracket holds it, else None."""
+        if self.members is None:
+            return None
+        if self.low == self.high:
+            return self.low if 1 <= rank - self.above <= self.at_least - self.above else None
+        values = torch.cat(self.members) if self.members else torch.empty(0)
+        k = rank - (self.at_least - values.numel())  # the rank's place among the bracket's entries, largest first
+        return float(values.kthvalue(values.numel() - k + 1).values) if 1 <= k <= values.numel() else None
+
+
 def _bracketed(vector: Passes, ranks: Sequence[int]) -> list[float | None]:
     """Each rank's magnitude found in one pass between brackets that a sample places, or None
     where the bracket does not hold it. A vector no larger than the sample is answered from it."""
@@ -217,49 +260,16 @@ def _bracketed(vector: Passes, ranks: Sequence[int]) -> list[float | None]:
         spread = 6 * math.sqrt(at * (1 - rank / n)) + 8
         first, last = math.floor(at - spread), math.ceil(at + spread)
         top, bottom = largest(max(first, 0)), largest(min(last, s - 1))
-        if top == bottom:  # the sample is one value there (zeros of a frozen tensor): count, don't collect
-            brackets.append((top, top))
+        if top == bottom:  # the sample is one value there: count, don't collect
+            brackets.append(_Bracket(top, top))
         else:  # a bracket that reaches the sample's largest (smallest) entry is open on that side
-            brackets.append((bottom if last < s - 1 else 0.0, top if first > 0 else math.inf))
-    above_low = [0] * len(ranks)  # entries not below the bracket's low end
-    above_high = [0] * len(ranks)  # entries above its high end, counted where the bracket is one value
-    inside: list[list[Tensor] | None] = [[] for _ in ranks]  # entries in [low, high], or None: too many
-    held = [0] * len(ranks)
+            brackets.append(_Bracket(bottom if last < s - 1 else 0.0, top if first > 0 else math.inf))
     scratch = Scratch()
-    # compared as bit patterns, which order non-negative floats like their values and put NaN
-    # above +inf, where the histogram puts it too
-    bounds = [(_bits(low), _bits(high)) for low, high in brackets]
     for part in vector.blocks():
         mag = torch.abs(part, out=scratch.like("mag", part)).reshape(-1)
-        bits = mag.view(torch.int32)
-        for i, (low, high) in enumerate(bounds):
-            at_least = torch.ge(bits, low, out=scratch.like("at_least", mag, torch.bool))
-            above_low[i] += int(torch.count_nonzero(at_least))
-            if low == high:  # one value (zeros of a frozen tensor): counts are enough, and cheap
-                above_high[i] += int(torch.count_nonzero(torch.gt(bits, high, out=at_least)))
-                continue
-            members = inside[i]
-            if members is None:
-                continue
-            members.append(mag[at_least.logical_and_(torch.le(bits, high, out=scratch.like("at_most", mag, torch.bool)))])
-            held[i] += members[-1].numel()
-            if held[i] > BRACKET_LIMIT:
-                inside[i] = None
-    found: list[float | None] = []
-    for i, rank in enumerate(ranks):
-        low, high = brackets[i]
-        members = inside[i]
-        if low == high:
-            k, count = rank - above_high[i], above_low[i] - above_high[i]
-            found.append(low if 1 <= k <= count else None)
-            continue
-        if members is None:
-            found.append(None)
-            continue
-        values = torch.cat(members) if members else torch.empty(0)
-        k = rank - (above_low[i] - values.numel())  # the rank's place among the bracket's entries, largest first
-        found.append(float(values.kthvalue(values.numel() - k + 1).values) if 1 <= k <= values.numel() else None)
-    return found
+        for bracket in brackets:
+            bracket.add(mag, scratch)
+    return [bracket.find(rank) for bracket, rank in zip(brackets, ranks)]
 
 
 def _bits(value: float) -> int:

@@ -105,7 +105,6 @@ class ShardFile:
     took 5.3 s into fresh pages and 1.1 s window by window, syncs included."""
 
     def __init__(self, path: Path, header: bytes) -> None:
-        self.path = path
         self._handle: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
         self._synced = 0  # bytes on the disk and dropped from the cache
         self._written = 0
@@ -124,10 +123,12 @@ class ShardFile:
             if self._written - self._synced >= WRITEBACK_WINDOW:
                 self._sync()
 
-    def close(self) -> None:
-        """Sync what is left, then close: the file is whole on the disk when this returns."""
+    def close(self, *, keep: bool = True) -> None:
+        """Sync what is left, then close: the file is whole on the disk when this returns. A file
+        that is not kept (the merge failed) is closed without waiting for the disk."""
         try:
-            self._sync()
+            if keep:
+                self._sync()
         finally:
             self._handle.close()
 
@@ -257,6 +258,6 @@ class ShardedWriter:
         finally:
             if handle:
                 try:
-                    handle.close()
+                    handle.close(keep=self._error is None)
                 except OSError as err:  # a full disk may refuse the last buffered bytes only now
                     self._error = self._error or err

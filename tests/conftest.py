@@ -10,7 +10,6 @@ test_cli.py keeps one real one for the exit status.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -149,16 +148,3 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliRun]:
 
     return run
 
-
-@pytest.fixture(autouse=True)
-def bare_fusion_logger() -> Iterator[None]:
-    """Every test starts with the ``fusion`` logger as a fresh process has it, and leaves it as it
-    found it. ``main`` gives it a handler on the sys.stderr of the moment, once: left in place, a
-    later test's notes would go to an earlier test's captured (and closed) stderr."""
-    logger = logging.getLogger("fusion")
-    handlers, level = logger.handlers[:], logger.level
-    logger.handlers.clear()
-    logger.setLevel(logging.NOTSET)
-    yield
-    logger.handlers[:] = handlers
-    logger.setLevel(level)
