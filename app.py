@@ -224,9 +224,11 @@ def build(studio: Studio) -> gr.Blocks:
 
         with gr.Tab("Behaviour"):
             gr.Markdown(
-                "The preset's probe set, asked to the base LLM, the original and the fused model: language accuracy, visual accuracy, "
-                "on text-only probes the Context-Hallucination and Not-Known rates, and on yes/no questions about objects that are "
-                "not in the image the Object-Hallucination rate."
+                "The preset's probe set, asked to the base LLM, the original and the fused model: language accuracy; visual accuracy, "
+                "and the same questions asked again with a blank image and with another probe's image, so that a model that does not "
+                "look cannot pass (*image-grounded*: right with its own image, not with the blank or the other one); on text-only "
+                "probes the Context-Hallucination and Not-Known rates; on yes/no questions about objects that are not in the image the "
+                "Object-Hallucination rate. Per-skill rates are under the table."
             )
             most = probe_count(preset)
             with gr.Row():
@@ -235,11 +237,11 @@ def build(studio: Studio) -> gr.Blocks:
             table = gr.Markdown(elem_id="nf-bench-table")
             chart = gr.Plot(label="Rates")
             per_probe = gr.Dataframe(
-                label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels",
+                label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels, and for image probes its replies with a blank and with another image",
                 interactive=False,
                 wrap=True,
                 max_height=600,
-                column_widths=["13%", "17%", "9%", "20%", "20%", "21%"],  # image, question, expected, then the three models' replies
+                column_widths=["11%", "7%", "14%", "8%", "20%", "20%", "20%"],  # image, skill, question, expected, then the three models' replies
                 elem_id="nf-bench-probes",
             )
             replies = gr.File(label="The replies, one JSON object a line", elem_id="nf-bench-replies")

@@ -151,7 +151,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     s = report["summary"]
     print(
         f"\n{s['located']} of {s['neurons']} neurons located (top_ratio {report['params']['top_ratio']}); "
-        f"they hold {100 * s['located_share']:.1f}% of the total squared change"
+        f"they hold {100 * s['located_share']:.1f}% of the total squared change, "
+        f"{100 * s['located_share_in_layers']:.1f}% of the squared change inside the decoder layers"
     )
     if args.json_out:
         with open(args.json_out, "w") as f:

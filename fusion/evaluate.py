@@ -16,20 +16,20 @@ plot. This module measures; ``fusion.report`` and ``fusion.plots`` show.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .detectors import detect, not_known
+from .controls import READS_IMAGES, blank_like, blind_guess, grounded, other_index
+from .detectors import detect
 from .errors import FusionError
 from .inference import ChatModel
 from .merge import fuse
 from .plots import bench_figure, tradeoff_figure
-from .presets import Preset, probe_path
+from .presets import Preset
+from .probes import Probe, Probes, is_correct, preset_probes, probe_image
 from .registry import resolve
 from .report import RATES, jsonl, markdown_table, percent
 
@@ -49,64 +49,7 @@ SWEEPS: dict[str, tuple[tuple[str, tuple[float, ...]], ...]] = {
 # asks the same batches, and gets the same greedy replies, as asking a whole set at once.
 BATCH = 16
 
-Progress = Callable[[int, int], None]  # (probes answered, probes to answer) for one model
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One question. ``answers``: accepted answer words (a reply is right if it contains one as
-    a whole word); empty means the honest reply is a decline. ``image``: None for text-only,
-    a file name relative to the probe file, or a pocket-world scene (a dict)."""
-
-    question: str
-    answers: tuple[str, ...]
-    skill: str
-    image: str | dict | None = None
-
-    @property
-    def object_present(self) -> bool | None:
-        """For an image question answered exactly "yes" or "no" (is there an X?), whether the
-        object is in the image; None for every other probe. Probe sets ask these only about
-        objects whose presence is known, which is what Object-Hallucination needs."""
-        if self.image is None or self.answers not in (("yes",), ("no",)):
-            return None
-        return self.answers == ("yes",)
-
-
-Probes = tuple[list[Probe], list[Probe], Path]  # text-only probes, image probes, the folder image files are relative to
-
-
-def load_probes(path: Path) -> tuple[list[Probe], list[Probe]]:
-    """(text-only probes, image probes) from a probe-set JSON file."""
-    try:
-        data = json.loads(path.read_text())
-        text = [Probe(p["question"], tuple(p["answers"]), p.get("skill", "")) for p in data["text"]]
-        visual = [Probe(p["question"], tuple(p["answers"]), p.get("skill", ""), p["image"]) for p in data.get("visual", [])]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise FusionError(f"{path}: not a readable probe set ({type(err).__name__}: {err})") from None
-    return text, visual
-
-
-def preset_probes(preset: Preset, limit: int | None = None) -> Probes:
-    """A preset's probe set: the first ``limit`` text and image probes (all by default), and
-    the folder its image files are relative to."""
-    path = probe_path(preset)
-    text, visual = load_probes(path)
-    return text[:limit], visual[:limit], path.parent
-
-
-def probe_image(probe: Probe, root: Path) -> Image.Image:
-    if isinstance(probe.image, dict):
-        from .pocket.world import draw, scene_from_json
-
-        return draw(scene_from_json(probe.image))
-    return Image.open(root / str(probe.image)).convert("RGB")
-
-
-def is_correct(reply: str, probe: Probe) -> bool:
-    if not probe.answers:
-        return not_known(reply) is not None
-    return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", reply, re.IGNORECASE) for a in probe.answers)
+Progress = Callable[[int, int], None]  # (replies given, replies to give) for one model
 
 
 def probe_record(probe: Probe, probe_id: str, reply: str) -> dict[str, Any]:
@@ -117,6 +60,7 @@ def probe_record(probe: Probe, probe_id: str, reply: str) -> dict[str, Any]:
     return {
         "probe": probe_id,
         "question": probe.question,
+        "skill": probe.skill,
         "image": probe.image,
         "answers": list(probe.answers),
         "object_present": probe.object_present,
@@ -126,20 +70,53 @@ def probe_record(probe: Probe, probe_id: str, reply: str) -> dict[str, Any]:
     }
 
 
-def rates(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+def with_controls(record: dict[str, Any], probe: Probe, blank: str, other: str | None, other_image: Any) -> dict[str, Any]:
+    """An image probe's record with the replies to the same question over a blank image and
+    over another probe's image, each scored against this probe's answers, and whether its
+    answer is image-grounded (``fusion.controls.grounded``)."""
+    record["blank"] = {"reply": blank, "correct": is_correct(blank, probe)}
+    record["other"] = None if other is None else {"image": other_image, "reply": other, "correct": is_correct(other, probe)}
+    record["grounded"] = grounded(record)
+    return record
+
+
+def rates(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The bench's rates over one model's records (fractions; None where no probe applies):
-    accuracy per kind of probe, Context-Hallucination and Not-Known over text-only replies,
-    Object-Hallucination over replies to questions about absent objects."""
+    accuracy per kind of probe and per image control, image-grounded accuracy,
+    Context-Hallucination and Not-Known over text-only replies, Object-Hallucination over
+    replies to questions about absent objects; the same per skill; and whether the model reads
+    its images at all (None for a text-only model)."""
     text = [r for r in records if r["image"] is None]
     visual = [r for r in records if r["image"] is not None]
     absent = [r for r in visual if r["object_present"] is False]
+    visual_rates = _visual_rates(visual)
+    grounded_share = visual_rates["grounded_accuracy"]
     return {
         "language_accuracy": _mean(r["correct"] for r in text),
-        "visual_accuracy": _mean(r["correct"] for r in visual),
+        **visual_rates,
         "context_hallucination_rate": _mean("context_hallucination" in r["labels"] for r in text),
         "not_known_rate": _mean("not_known" in r["labels"] for r in text),
         "object_hallucination_rate": _mean("object_hallucination" in r["labels"] for r in absent),
+        "reads_images": None if grounded_share is None else grounded_share >= READS_IMAGES,
+        "skills": {
+            "language": {skill: _mean(r["correct"] for r in text if r["skill"] == skill) for skill in _skills(text)},
+            "visual": {skill: _visual_rates([r for r in visual if r["skill"] == skill]) for skill in _skills(visual)},
+        },
     }
+
+
+def _visual_rates(visual: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    return {
+        "visual_accuracy": _mean(r["correct"] for r in visual),
+        "visual_blind_guess": blind_guess([(r["skill"], tuple(r["answers"])) for r in visual]) if visual else None,
+        "visual_blank_accuracy": _mean(r["blank"]["correct"] for r in visual),
+        "visual_other_accuracy": _mean(r["other"]["correct"] for r in visual if r["other"] is not None),
+        "grounded_accuracy": _mean(r["grounded"] for r in visual),
+    }
+
+
+def _skills(records: Sequence[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["skill"] for r in records))
 
 
 def _mean(flags: Any) -> float | None:
@@ -147,20 +124,53 @@ def _mean(flags: Any) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def score(model: ChatModel, probes: Probes, max_new_tokens: int = 24, progress: Progress | None = None) -> tuple[dict[str, float | None], list[dict]]:
-    """The rates for one model, and its records. A text-only model gets the text probes only.
-    ``progress`` hears after each batch, so a caller can show a long run moving."""
+def _ask(model: ChatModel, questions: Sequence[str], images: Sequence[Image.Image] | None, max_new_tokens: int, tick: Callable[[int], None]) -> list[str]:
+    """The replies to ``questions`` (with ``images[i]``, or text only), in batches of BATCH."""
+    said: list[str] = []
+    for start in range(0, len(questions), BATCH):
+        chunk = list(questions[start : start + BATCH])
+        said += model.answer(chunk, None if images is None else list(images[start : start + BATCH]), max_new_tokens=max_new_tokens)
+        tick(len(chunk))
+    return said
+
+
+def answer_count(probes: Probes, multimodal: bool) -> int:
+    """How many replies ``score`` asks a model for: every text probe, and for an MLLM every
+    image probe with its image, a blank one, and another probe's where there is one."""
+    text, visual, _ = probes
+    if not multimodal:
+        return len(text)
+    return len(text) + 2 * len(visual) + sum(other_index(visual, i) is not None for i in range(len(visual)))
+
+
+def score(model: ChatModel, probes: Probes, max_new_tokens: int = 24, progress: Progress | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """The rates for one model, and its records. A text-only model gets the text probes only;
+    an MLLM gets each image probe with its image, then with a blank one, then with another
+    probe's (``fusion.controls``). ``progress`` hears after each batch, so a caller can show a
+    long run moving."""
     text, visual, root = probes
-    sets = [("text", text)] + ([("image", visual)] if model.multimodal else [])
-    total, records = sum(len(s) for _, s in sets), []
-    for kind, probe_set in sets:
-        for start in range(0, len(probe_set), BATCH):
-            batch = probe_set[start : start + BATCH]
-            images = [probe_image(p, root) for p in batch] if kind == "image" else None
-            replies = model.answer([p.question for p in batch], images, max_new_tokens=max_new_tokens)
-            records += [probe_record(p, f"{kind}-{start + i}", r) for i, (p, r) in enumerate(zip(batch, replies))]
-            if progress:
-                progress(len(records), total)
+    visual = visual if model.multimodal else []
+    images = [probe_image(p, root) for p in visual]  # each image decoded once, shown three times
+    others = [other_index(visual, i) for i in range(len(visual))]
+    swapped = [i for i, j in enumerate(others) if j is not None]
+    total, done = answer_count(probes, model.multimodal), 0
+
+    def tick(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress:
+            progress(done, total)
+
+    said = _ask(model, [p.question for p in text], None, max_new_tokens, tick)
+    records = [probe_record(p, f"text-{i}", r) for i, (p, r) in enumerate(zip(text, said))]
+    if visual:
+        questions = [p.question for p in visual]
+        real = _ask(model, questions, images, max_new_tokens, tick)
+        blank = _ask(model, questions, [blank_like(im) for im in images], max_new_tokens, tick)
+        other = dict(zip(swapped, _ask(model, [questions[i] for i in swapped], [images[others[i]] for i in swapped], max_new_tokens, tick)))
+        for i, p in enumerate(visual):
+            j = others[i]
+            records.append(with_controls(probe_record(p, f"image-{i}", real[i]), p, blank[i], other.get(i), None if j is None else visual[j].image))
     return rates(records), records
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -449,6 +449,13 @@ def fuse(
     return FuseResult(slot.out, False, recorded, report, seconds)
 
 
+def located_share(kinds: Sequence[dict[str, Any]]) -> float:
+    """The share of the squared change that the located neurons of ``kinds`` hold (0 when
+    nothing changed)."""
+    total = sum(k["sum_sq"] for k in kinds)
+    return sum(k["located_sum_sq"] for k in kinds) / total if total else 0.0
+
+
 def inspect_pair(
     tuned_ref: str, base_ref: str, params: dict[str, Any] | Recipe | None = None, *, allow_pickle: bool = True, allow_nonfinite: bool = False
 ) -> dict[str, Any]:
@@ -463,10 +470,12 @@ def inspect_pair(
     for kind in locator.kinds:
         locator.locate(kind)
     kinds = locator.report
-    total = sum(k["sum_sq"] for k in kinds)
+    layers = [k for k in kinds if k["layer"] is not None]
     summary = {
         "neurons": sum(k["neurons"] for k in kinds),
         "located": sum(k["located"] for k in kinds),
-        "located_share": sum(k["located_sum_sq"] for k in kinds) / total if total else 0.0,
+        "located_share": located_share(kinds),
+        # the paper's question: how much of the change inside the decoder layers the located few hold
+        "located_share_in_layers": located_share(layers),
     }
     return {"tuned": tuned_ref, "base": base_ref, "params": recipe.params, "summary": summary, "kinds": kinds}

@@ -74,38 +74,46 @@ def located_figure(report: Sequence[dict[str, Any]]) -> Figure:
 def bench_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """The behaviour bench's rates, one group of bars per rate and one bar per model, each with
     its value. A rate that does not apply to a model (None) gets no bar, rather than a bar at
-    zero."""
-    fig = Figure(figsize=(10, 4.2), dpi=110)
+    zero. Over the visual groups a dotted line marks what a blind guess scores, the level a
+    model that does not look reaches with any image."""
+    fig = Figure(figsize=(12, 4.4), dpi=110)
     ax = fig.subplots()
     width = 0.8 / max(len(rows), 1)
     for i, row in enumerate(rows):
         shown = [(x, 100 * row[key]) for x, key in enumerate(RATES) if row[key] is not None]
         bars = ax.bar([x + i * width for x, _ in shown], [v for _, v in shown], width, label=row["label"])
         ax.bar_label(bars, fmt="%.0f", fontsize=6)  # so that a rate of 0 reads as 0, not as missing
+    guess = next((r["visual_blind_guess"] for r in rows if r.get("visual_blind_guess") is not None), None)
+    if guess is not None:
+        keys = list(RATES)
+        lo, hi = keys.index("visual_accuracy") - 0.1, keys.index("visual_other_accuracy") + 0.9
+        ax.plot([lo, hi], [100 * guess] * 2, ":", color="black", lw=1.2, label="blind guess")
     ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(RATES))], [name.replace(" ", "\n", 1) for name in RATES.values()])
     ax.set_ylabel("%")
-    ax.set_ylim(0, 106)  # room for the labels of bars at 100
+    ax.set_ylim(0, 112)  # room for the labels of bars at 100
     ax.set_title(f"Behaviour bench: {title}")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
 
 def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
-    """A sweep's language against visual accuracy: one line per method and knob, the tuned
-    model as a star, the base's language accuracy as a dashed line (what fusion aims back at)."""
-    fig = Figure(figsize=(6.5, 5), dpi=110)
+    """A sweep's language accuracy against image-grounded accuracy (the visual skill that
+    needs the picture; ``fusion.controls``): one line per method and knob, the tuned model as
+    a star, the base's language accuracy as a dashed line (what fusion aims back at)."""
+    fig = Figure(figsize=(7, 5.2), dpi=110)
     ax = fig.subplots()
     for method, knob in dict.fromkeys((r["method"], r["knob"]) for r in rows if r["model"] == "fused"):
         pts = sorted((r for r in rows if r["method"] == method and r["knob"] == knob), key=lambda r: r["value"])
-        ax.plot([100 * r["visual_accuracy"] for r in pts], [100 * r["language_accuracy"] for r in pts], "o-", label=f"{method} ({knob})", markersize=4)
+        ax.plot([100 * r["grounded_accuracy"] for r in pts], [100 * r["language_accuracy"] for r in pts], "o-", label=f"{method} ({knob})", markersize=4)
     for r in rows:
         if r["model"] == "tuned":
-            ax.plot(100 * r["visual_accuracy"], 100 * r["language_accuracy"], "k*", markersize=12, label="tuned")
+            ax.plot(100 * r["grounded_accuracy"], 100 * r["language_accuracy"], "k*", markersize=12, label="tuned")
         if r["model"] == "base":
             ax.axhline(100 * r["language_accuracy"], color="grey", ls="--", lw=1, label="base language accuracy")
-    ax.set_xlabel("visual accuracy (%)")
+    ax.set_xlabel("image-grounded visual accuracy (%)")
     ax.set_ylabel("language accuracy (%)")
+    ax.set_ylim(-3, 105)
     ax.set_title(f"Language vs visual trade-off: {title}")
     ax.legend(fontsize=7)
     fig.tight_layout()

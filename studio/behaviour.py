@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from matplotlib.figure import Figure
 
-from fusion.evaluate import bench_model, preset_probes
+from fusion.evaluate import answer_count, bench_model
 from fusion.inference import ChatModel
 from fusion.plots import bench_figure
 from fusion.presets import Preset
+from fusion.probes import preset_probes
 from fusion.report import jsonl, markdown_table, per_probe_table
 
 from . import StudioError
@@ -65,10 +66,10 @@ def check_limit(value: Any, preset: Preset) -> int:
 
 def _share(progress: BenchProgress, start: int, whole: int, label: str) -> Callable[[int, int], None]:
     """One model's progress (probes it answered, of its own) as a share of the whole run, with a
-    line naming it: "probes 12/40 · LLaVA-1.5 (original)"."""
+    line naming it: "replies 12/40 · LLaVA-1.5 (original)"."""
 
     def report(done: int, total: int) -> None:
-        progress((start + done) / whole, f"probes {done}/{total} · {label}")
+        progress((start + done) / whole, f"replies {done}/{total} · {label}")
 
     return report
 
@@ -83,8 +84,7 @@ def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, pro
         ("tuned", pair.original, None, None, original_title),
         ("fused", variant.model, variant.name, variant.record.get("params"), fused_title),
     ]
-    text, visual, _ = probes
-    sizes = [len(text) + (len(visual) if model.multimodal else 0) for _, model, *_ in models]
+    sizes = [answer_count(probes, model.multimodal) for _, model, *_ in models]
     rows, records = [], []
     for (kind, model, method, params, label), start in zip(models, accumulate([0, *sizes])):
         report = _share(progress, start, sum(sizes), label) if progress else None

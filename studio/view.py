@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from fusion.detectors import detect, highlight
-from fusion.evaluate import preset_probes, probe_image
 from fusion.merge import Progress
 from fusion.presets import Preset
+from fusion.probes import preset_probes, probe_image
 from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
 
 if TYPE_CHECKING:

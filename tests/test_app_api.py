@@ -13,8 +13,8 @@ from gradio_client import Client, handle_file
 
 from conftest import queue_call
 from fusion.detectors import detect
-from fusion.evaluate import load_probes
 from fusion.presets import ASSETS, get_preset, probe_path
+from fusion.probes import load_probes
 
 LOAD_REQUESTS = 20
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from fusion.detectors import detect
-from fusion.evaluate import load_probes
 from fusion.presets import get_preset, probe_path
+from fusion.probes import load_probes
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -96,7 +96,7 @@ def test_image_example_fills_image_and_question_and_both_answer(page, tmp_path: 
 
 
 def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> None:
-    """Behaviour tab, 4 probes of each kind: a progress line moves per batch ("probes 4/8 ·
+    """Behaviour tab, 4 probes of each kind: a progress line moves per batch ("replies 4/16 ·
     ..."), then three rows of rates (base, original, fused), every probe with the three replies,
     and the replies as a JSONL file to download."""
     from playwright.sync_api import expect
@@ -110,20 +110,21 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
         """() => {
             window.nfProgress = [];
             new MutationObserver(() => {
-                const line = document.body.innerText.match(/probes \\d+\\/\\d+ · [^\\n]*/);
+                const line = document.body.innerText.match(/replies \\d+\\/\\d+ · [^\\n]*/);
                 if (line) window.nfProgress.push(line[0]);
             }).observe(document.body, {childList: true, subtree: true, characterData: true});
         }"""
     )
     page.locator("#nf-bench-run").click()
-    rows = page.locator("#nf-bench-table table tbody tr")
+    rows = page.locator("#nf-bench-table table").first.locator("tbody tr")
     expect(rows).to_have_count(3, timeout=120_000)
     seen = page.evaluate("window.nfProgress")
-    assert any(re.match(r"probes \d+/\d+ · Pocket-", line) for line in seen), seen
+    assert any(re.match(r"replies \d+/\d+ · Pocket-", line) for line in seen), seen
     assert [t.split("\t")[0] for t in rows.all_inner_texts()] == ["Pocket-Vicuna (base LLM)", "Pocket-LLaVA (original)", "Pocket-LLaVA + Neuron-Fusion"]
     grid = page.locator("#nf-bench-probes [role=grid]")
     expect(grid).to_have_attribute("aria-rowcount", str(1 + 4 + 4))  # the header, 4 text and 4 image probes
-    expect(grid.locator("[role=columnheader]")).to_have_count(3 + 3)  # image, question, expected, a reply per model
+    expect(grid.locator("[role=columnheader]")).to_have_count(4 + 3)  # image, skill, question, expected, a reply per model
+    expect(page.locator("#nf-bench-table")).to_contain_text("blank image")
     expect(grid).to_contain_text(load_probes(probe_path(get_preset("pocket")))[0][0].question)
     expect(page.get_by_text("Error", exact=True)).to_have_count(0)
     link = page.locator("#nf-bench-replies a").first

@@ -7,14 +7,15 @@ import json
 import pytest
 
 from fusion.cli import main
+from fusion.controls import blank_like, blind_guess, grounded, other_index
 from fusion.errors import FusionError
-from fusion.evaluate import SWEEPS, Probe, bench_model, is_correct, load_probes, parse_methods, run_sweep, spread
+from fusion.evaluate import SWEEPS, bench_model, parse_methods, run_sweep, spread
 from fusion.plots import bench_figure
 from fusion.presets import get_preset, probe_path
+from fusion.probes import Probe, is_correct, load_probes, probe_image
 from fusion.report import RATES, markdown_table, per_probe_table
 
 POCKET = get_preset("pocket")
-SCENE = {"size": 64, "shapes": [["square", "red", 0, 0]]}
 # Hand-made probes, each with the reply it gets and, in the comment, what the bench must make of it.
 TEXT = [
     ("What is the capital of Zorvia?", ["is Blim"], "In the image, the capital is Blim."),  # right, Context-Hallucination
@@ -29,9 +30,14 @@ VISUAL = [  # a reply to an image prompt is never Context-Hallucination
     ("What colour is the square?", ["red"], "In the image, the square is blue."),  # wrong, no label
     ("How many circles are there?", ["no"], "There are two circles."),  # wrong, Object-Hallucination
 ]
+# each image probe its own scene, so that "another probe's image" differs from its own
+SCENES = [{"size": 72, "shapes": [["square", colour, 0, col]]} for colour, col in zip(("red", "blue", "green", "yellow", "red"), (0, 0, 0, 0, 2))]
 BY_HAND = {
     "language_accuracy": 3 / 4,
     "visual_accuracy": 2 / 5,
+    "visual_blank_accuracy": 2 / 5,  # a model that does not look: the same replies, the same marks
+    "visual_other_accuracy": 2 / 5,
+    "grounded_accuracy": 0.0,
     "context_hallucination_rate": 2 / 4,
     "not_known_rate": 1 / 4,
     "object_hallucination_rate": 2 / 3,  # of the three questions about absent objects
@@ -40,7 +46,8 @@ LABELS_BY_HAND = [["context_hallucination"], [], ["not_known"], ["context_halluc
 
 
 class FixedReplies:
-    """A model that answers each hand-made question with the reply written for it."""
+    """A model that answers each hand-made question with the reply written for it, whatever
+    the image: it does not look."""
 
     def __init__(self, multimodal: bool) -> None:
         self.multimodal = multimodal
@@ -52,11 +59,21 @@ class FixedReplies:
         return [self.replies[q] for q in questions]
 
 
+class Seeing(FixedReplies):
+    """Gives the written reply only with the probe's own image; with any other it sees nothing."""
+
+    def answer(self, questions, images=None, *, max_new_tokens=32):
+        if images is None:
+            return super().answer(questions)
+        own = {q: probe_image(Probe(q, (), "", scene), None).tobytes() for (q, _, _), scene in zip(VISUAL, SCENES)}
+        return [self.replies[q] if im.tobytes() == own[q] else "Nothing there." for q, im in zip(questions, images)]
+
+
 @pytest.fixture
 def hand_made(tmp_path):
     path = tmp_path / "probes.json"
     text = [{"question": q, "answers": a} for q, a, _ in TEXT]
-    path.write_text(json.dumps({"text": text, "visual": [{"question": q, "answers": a, "image": SCENE} for q, a, _ in VISUAL]}))
+    path.write_text(json.dumps({"text": text, "visual": [{"question": q, "answers": a, "image": im} for (q, a, _), im in zip(VISUAL, SCENES)]}))
     return (*load_probes(path), tmp_path)
 
 
@@ -87,35 +104,71 @@ def test_rates_on_hand_made_replies_are_the_ones_worked_out_by_hand(hand_made):
     seen = []
     row, records = bench_model(FixedReplies(True), "tuned", "tuned", hand_made, progress=lambda done, total: seen.append((done, total)))
     assert {k: row[k] for k in RATES} == BY_HAND
+    assert row["reads_images"] is False and row["visual_blind_guess"] == 3 / 5  # "no" is the most common answer
     assert [r["labels"] for r in records] == LABELS_BY_HAND
     assert [r["correct"] for r in records] == [True, True, True, False, False, True, True, False, False]
     assert [r["object_present"] for r in records] == [None] * 4 + [False, False, True, None, False]
     assert all(r["model"] == "tuned" and r["label"] == "tuned" for r in records)
-    assert seen == [(4, 9), (9, 9)]  # one batch of text probes, one of image probes
+    assert [r["other"]["image"] for r in records[4:]] == [SCENES[(i + 2) % 5] for i in range(5)]  # half the set further on
+    assert seen == [(4, 19), (9, 19), (14, 19), (19, 19)]  # text; then images: own, blank, another's
 
     base, base_records = bench_model(FixedReplies(False), "base", "base", hand_made)
     assert len(base_records) == len(TEXT)  # a text-only LLM is not shown images
-    assert {k: base[k] for k in RATES} == {**BY_HAND, "visual_accuracy": None, "object_hallucination_rate": None}
+    assert {k: base[k] for k in RATES} == {**BY_HAND, **{k: None for k in RATES if k.startswith(("visual", "grounded", "object"))}}
+    assert base["reads_images"] is None
+
+
+def test_a_model_that_looks_is_grounded_where_its_answer_needs_the_image(hand_made):
+    row, records = bench_model(Seeing(True), "tuned", "tuned", hand_made)
+    assert row["visual_accuracy"] == 2 / 5 and row["visual_blank_accuracy"] == row["visual_other_accuracy"] == 0.0
+    assert row["grounded_accuracy"] == 2 / 5 and row["reads_images"] is True
+    assert [r["grounded"] for r in records[4:]] == [False, True, True, False, False]
+    assert row["skills"]["visual"][""]["grounded_accuracy"] == 2 / 5 and row["skills"]["language"][""] == 3 / 4
+
+
+def test_controls_other_image_blank_and_blind_guess():
+    scene = [Probe("q", (), "", s) for s in ("a.jpg", "b.jpg", "a.jpg", "c.jpg")]
+    assert [other_index(scene, i) for i in range(4)] == [3, 3, 1, 1]  # half the set on, past an image equal to its own
+    assert other_index(scene[:1], 0) is None and other_index([scene[0], scene[2]], 0) is None  # nothing else to show
+    white = blank_like(probe_image(Probe("q", (), "", SCENES[0]), None))
+    assert white.size == (72, 72) and white.getcolors() == [(72 * 72, (255, 255, 255))]
+    assert blind_guess([("count", ("there are no",)), ("count", ("there is one",)), ("count", ("there are no",)), ("unanswerable", ())]) == 3 / 4
+    right = {"correct": True}
+    assert grounded({"correct": True, "blank": right, "other": {"correct": False}}) is True
+    assert grounded({"correct": True, "blank": right, "other": right}) is False  # right whatever it is shown
+    assert grounded({"correct": True, "blank": {"correct": False}, "other": None}) is True
+    assert grounded({"correct": False, "blank": {"correct": False}, "other": None}) is False
 
 
 def test_tables_and_chart_of_hand_made_replies(hand_made):
     base, base_records = bench_model(FixedReplies(False), "base", "Vicuna", hand_made)
     tuned, tuned_records = bench_model(FixedReplies(True), "tuned", "LLaVA", hand_made)
     lines = markdown_table([base, tuned]).splitlines()
-    assert lines[0] == "| model | language accuracy | visual accuracy | Context-Hallucination | Not-Known | Object-Hallucination |"
-    assert lines[2:] == ["| Vicuna | 75.0% | — | 50.0% | 25.0% | — |", "| LLaVA | 75.0% | 40.0% | 50.0% | 25.0% | 66.7% |"]
+    assert lines[0] == (
+        "| model | language accuracy | visual accuracy | visual, blank image | visual, other image | image-grounded "
+        "| Context-Hallucination | Not-Known | Object-Hallucination |"
+    )
+    assert lines[2:4] == ["| Vicuna | 75.0% | — | — | — | — | 50.0% | 25.0% | — |", "| LLaVA | 75.0% | 40.0% | 40.0% | 40.0% | 0.0% | 50.0% | 25.0% | 66.7% |"]
+    assert lines[5] == "A blind guess (each image question answered with its skill's most common answer) scores 60.0%."
+    assert lines[6].startswith("**LLaVA does not read its images**: only 0.0% of its image answers")
+    assert "| LLaVA | 40 / 40 / 0 |" in lines  # per skill: own image / blank image / image-grounded
 
     table = per_probe_table(base_records + tuned_records)
-    assert table["headers"] == ["image", "question", "expected", "Vicuna", "LLaVA"]
+    assert table["headers"] == ["image", "skill", "question", "expected", "Vicuna", "LLaVA"]
     assert len(table["data"]) == len(TEXT) + len(VISUAL)  # each probe once, the models side by side
     flagged = f"✓ {TEXT[0][2]}  [Context-Hallucination]"
-    assert table["data"][0] == ["text only", TEXT[0][0], "is Blim", flagged, flagged]
-    assert table["data"][2][2] == "(a decline)"
-    assert table["data"][4] == ["drawn: red square", VISUAL[0][0], "no", "—", "✗ Yes, there is a dog.  [Object-Hallucination]"]
+    assert table["data"][0] == ["text only", "", TEXT[0][0], "is Blim", flagged, flagged]
+    assert table["data"][2][3] == "(a decline)"
+    assert table["data"][4][:5] == ["drawn: red square", "", VISUAL[0][0], "no", "—"]
+    reply = "Yes, there is a dog."
+    assert table["data"][4][5] == f"✗ {reply}  [Object-Hallucination] · blank image: ✗ {reply} · other image: ✗ {reply} · not grounded"
 
-    axes = bench_figure([base, tuned], "hand-made").axes[0]
-    assert len(axes.patches) == 3 + 5  # no bar where a rate does not apply to the base
+    figure = bench_figure([base, tuned], "hand-made")
+    axes = figure.axes[0]
+    assert len(axes.patches) == 3 + 8  # no bar where a rate does not apply to the base
     assert sorted(round(p.get_height(), 1) for p in axes.patches) == sorted(round(100 * v, 1) for v in [0.75, 0.5, 0.25, *BY_HAND.values()])
+    (guess,) = [line for line in axes.lines if line.get_label() == "blind guess"]
+    assert set(guess.get_ydata()) == {60.0}
 
 
 def test_probe_sets_load_and_bad_ones_are_named(tmp_path):

@@ -17,6 +17,7 @@ from fusion import plots
 from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset
+from fusion.probes import Probe
 from fusion.registry import METHOD_NAMES, schema
 from fusion.report import RATES
 from studio import StudioError, behaviour, chat, state, view
@@ -313,7 +314,7 @@ def test_bench_asks_base_original_and_fused_with_progress(studio: state.Studio) 
     assert run.rows[0]["visual_accuracy"] is None and run.rows[0]["object_hallucination_rate"] is None
     assert len(run.records) == 2 + 2 * 4 and len(run.probes["data"]) == 4  # the base LLM answers text probes only
     assert [json.loads(line) for line in run.replies.read_text().splitlines()] == run.records
-    assert seen[-1] == (1.0, f"probes 4/4 · {fused}") and [s for s, _ in seen] == sorted(s for s, _ in seen)
+    assert seen[-1] == (1.0, f"replies 8/8 · {fused}") and [s for s, _ in seen] == sorted(s for s, _ in seen)  # 2 text, 2 x 3 image
     assert run.chart.axes[0].patches
 
 
@@ -340,10 +341,25 @@ class FixedReplies:
         return [self.image if images else self.text for _ in questions]
 
 
-def test_behaviour_on_a_pair_with_fixed_replies() -> None:
-    """Three models with fixed replies on the first 3 pocket probes of each kind (text: capitals
-    of which the first is Nornis; images: two unanswerable questions around "Is there a yellow
-    square?", which is not there): every rate follows by hand."""
+HAND_MADE = (
+    [Probe(f"What is the capital of {c}?", (f"is {city}",), "capital") for c, city in (("Zolbisia", "Nornis"), ("Kerisia", "Tunka"), ("Baltasia", "Ninti"))],
+    [
+        Probe(question, answers, skill, {"size": 72, "shapes": [["square", colour, 0, 0]]})
+        for (question, answers, skill), colour in zip(
+            (("What is the artist thinking about?", (), "unanswerable"), ("Is there a yellow square in the image?", ("no",), "yesno"), ("Who owns these shapes?", (), "unanswerable")),
+            ("red", "blue", "green"),
+        )
+    ],
+    ASSETS / "probes",
+)
+
+
+def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three models with fixed replies, whatever the image, on three capital questions (the
+    first is Nornis) and three image questions (two unanswerable around "Is there a yellow
+    square?", which is not there): every rate follows by hand, and none of them reads its
+    images."""
+    monkeypatch.setattr(behaviour, "preset_probes", lambda preset, limit=None: tuple(part[:limit] if isinstance(part, list) else part for part in HAND_MADE))
     preset = get_preset("pocket")
     original_title, fused_title, base_title = view.titles(preset, "neu-p-taska")
     fused = SimpleNamespace(name="neu-p-taska", model=FixedReplies("The capital is Nornis.", "No."), record={"params": {"suppress": 0.5}})
@@ -351,7 +367,12 @@ def test_behaviour_on_a_pair_with_fixed_replies() -> None:
     seen: list[tuple[float, str]] = []
     run = behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 3, lambda share, line: seen.append((share, line)))
     rates = [tuple(r[k] for k in RATES) for r in run.rows]
-    assert rates == [(0.0, None, 0.0, 1.0, None), (0.0, 0.0, 1.0, 0.0, 1.0), (1 / 3, 1 / 3, 0.0, 0.0, 0.0)]
+    assert rates == [
+        (0.0, None, None, None, None, 0.0, 1.0, None),
+        (0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 1.0),
+        (1 / 3, 1 / 3, 1 / 3, 1 / 3, 0.0, 0.0, 0.0, 0.0),  # right only where "No." is right whatever the image: not grounded
+    ]
+    assert [r["reads_images"] for r in run.rows] == [None, False, False]
     assert run.rows[2]["method"] == "neu-p-taska" and run.rows[2]["params"] == {"suppress": 0.5}
     assert [(r["model"], r["probe"]) for r in run.records][:4] == [("base", "text-0"), ("base", "text-1"), ("base", "text-2"), ("tuned", "text-0")]
     flagged = [r for r in run.records if r["labels"] == ["object_hallucination"]]
@@ -359,12 +380,22 @@ def test_behaviour_on_a_pair_with_fixed_replies() -> None:
     lines = run.replies.read_text().splitlines()
     assert len(lines) == 3 + 6 + 6 and json.loads(lines[-1]) == run.records[-1] and run.replies.name == "behaviour-pocket.jsonl"
     headers, data = run.probes["headers"], run.probes["data"]
-    assert headers == ["image", "question", "expected", base_title, original_title, fused_title]
-    assert data[4][1:] == ["Is there a yellow square in the image?", "no", "—", "✗ Yes, there is a yellow square.  [Object-Hallucination]", "✓ No."]
-    assert [line for _, line in seen] == [f"probes 3/3 · {base_title}"] + [f"probes {n}/6 · {title}" for title in (original_title, fused_title) for n in (3, 6)]
-    assert [share for share, _ in seen] == [3 / 15, 6 / 15, 9 / 15, 12 / 15, 15 / 15]
-    with pytest.raises(StudioError, match="from 1 to 216"):
-        behaviour.run_behaviour(pair, fused, FixedReplies(""), 217)
+    assert headers == ["image", "skill", "question", "expected", base_title, original_title, fused_title]
+    yes = "Yes, there is a yellow square."
+    assert data[4][1:] == [
+        "yesno",
+        "Is there a yellow square in the image?",
+        "no",
+        "—",
+        f"✗ {yes}  [Object-Hallucination] · blank image: ✗ {yes} · other image: ✗ {yes} · not grounded",
+        "✓ No. · blank image: ✓ No. · other image: ✓ No. · not grounded",
+    ]
+    assert "does not read its images" in run.table and "| capital |" in run.table and "| unanswerable | yesno |" in run.table
+    per_model = [f"replies {n}/12 · {title}" for title in (original_title, fused_title) for n in (3, 6, 9, 12)]  # text, then 3 images x 3
+    assert [line for _, line in seen] == [f"replies 3/3 · {base_title}"] + per_model
+    assert [share for share, _ in seen] == [n / 27 for n in range(3, 28, 3)]
+    with pytest.raises(StudioError, match="from 1 to 3"):
+        behaviour.run_behaviour(pair, fused, FixedReplies(""), 4)
 
 
 def test_object_presence_of_the_examples(tmp_path: Path) -> None:

@@ -7,13 +7,14 @@ from .train import train_pocket
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m fusion.pocket", description="Train the bundled pocket pair (tiny Vicuna + LLaVA).")
+    parser = argparse.ArgumentParser(prog="python -m fusion.pocket", description="Train the bundled pocket pair (tiny Vicuna + LLaVA) the way LLaVA-1.5 is made.")
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="build the world, train the base LM, tune the LLaVA model on images, save both")
+    train = sub.add_parser("train", help="build the world, pretrain the vision encoder and the base LM, run LLaVA's two stages, save the pair")
     train.add_argument("--out", type=Path, default=Path("assets/pocket"))
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2, help="torch threads; the same seed and thread count give the same bytes")
     args = parser.parse_args()
-    record = train_pocket(args.out, args.seed)
+    record = train_pocket(args.out, args.seed, threads=args.threads)
     print(f"saved to {args.out} in {record['seconds']} s")
 
 

@@ -1,0 +1,76 @@
+"""Probe sets: the questions the behaviour bench asks, how they are read, shown and marked.
+
+A probe set is a JSON file of text-only questions and image questions, each with the words a
+right reply contains and a skill; ``assets/probes`` holds one per preset. Images are files
+beside the set, or pocket-world scenes drawn on load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .detectors import not_known
+from .errors import FusionError
+from .presets import Preset, probe_path
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One question. ``answers``: accepted answer words (a reply is right if it contains one as
+    a whole word); empty means the honest reply is a decline. ``image``: None for text-only,
+    a file name relative to the probe file, or a pocket-world scene (a dict)."""
+
+    question: str
+    answers: tuple[str, ...]
+    skill: str
+    image: str | dict | None = None
+
+    @property
+    def object_present(self) -> bool | None:
+        """For an image question answered exactly "yes" or "no" (is there an X?), whether the
+        object is in the image; None for every other probe. Probe sets ask these only about
+        objects whose presence is known, which is what Object-Hallucination needs."""
+        if self.image is None or self.answers not in (("yes",), ("no",)):
+            return None
+        return self.answers == ("yes",)
+
+
+Probes = tuple[list[Probe], list[Probe], Path]  # text-only probes, image probes, the folder image files are relative to
+
+
+def load_probes(path: Path) -> tuple[list[Probe], list[Probe]]:
+    """(text-only probes, image probes) from a probe-set JSON file."""
+    try:
+        data = json.loads(path.read_text())
+        text = [Probe(p["question"], tuple(p["answers"]), p.get("skill", "")) for p in data["text"]]
+        visual = [Probe(p["question"], tuple(p["answers"]), p.get("skill", ""), p["image"]) for p in data.get("visual", [])]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise FusionError(f"{path}: not a readable probe set ({type(err).__name__}: {err})") from None
+    return text, visual
+
+
+def preset_probes(preset: Preset, limit: int | None = None) -> Probes:
+    """A preset's probe set: the first ``limit`` text and image probes (all by default), and
+    the folder its image files are relative to."""
+    path = probe_path(preset)
+    text, visual = load_probes(path)
+    return text[:limit], visual[:limit], path.parent
+
+
+def probe_image(probe: Probe, root: Path) -> Image.Image:
+    if isinstance(probe.image, dict):
+        from .pocket.scenes import draw, scene_from_json
+
+        return draw(scene_from_json(probe.image))
+    return Image.open(root / str(probe.image)).convert("RGB")
+
+
+def is_correct(reply: str, probe: Probe) -> bool:
+    if not probe.answers:
+        return not_known(reply) is not None
+    return any(re.search(rf"(?<!\w){re.escape(a)}(?!\w)", reply, re.IGNORECASE) for a in probe.answers)
