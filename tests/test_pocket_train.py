@@ -9,8 +9,10 @@ import torch
 
 from fusion.pocket import train as pocket_train
 from fusion.pocket.data import batches, build_tokenizer, chat_example, render, text_example
+from fusion.pocket.language import SKILLS
 from fusion.pocket.scenes import Scene, Shape
 from fusion.pocket.vision import VisionSizes, linear_probe, probe_labels
+from fusion.probes import load_probes
 
 CORPUS = ["USER: What is the opposite of hot? ASSISTANT: The opposite of hot is cold.</s>", "A red circle in the center."] * 20
 TURNS = [("What is the opposite of hot?", "The opposite of hot is cold."), ("And big?", "The opposite of big is small.")]
@@ -91,7 +93,7 @@ def test_a_tiny_training_run_is_repeatable_and_recorded(tmp_path, monkeypatch):
     small = {"n_chats": 20, "n_long_chats": 10, "n_described": 20, "n_captions": 20, "n_visual_train": 30, "n_visual_heldout": 6}
     monkeypatch.setattr(pocket_train, "make_world", lambda seed, **kw: world.make_world(seed, **kw, **small))
     monkeypatch.setattr(vision, "PROBE_SCENES", (40, 20))
-    first = pocket_train.train_pocket(tmp_path / "a", seed=3, recipe=TINY, log=lambda line: None)
+    first = pocket_train.train_pocket(tmp_path / "a", seed=3, recipe=TINY, log=lambda line: None, probes_file=tmp_path / "probes.json")
     pocket_train.train_pocket(tmp_path / "b", seed=3, recipe=TINY, log=lambda line: None)
     for model in ("base", "llava"):
         assert (tmp_path / "a" / model / "model.safetensors").read_bytes() == (tmp_path / "b" / model / "model.safetensors").read_bytes()
@@ -100,3 +102,5 @@ def test_a_tiny_training_run_is_repeatable_and_recorded(tmp_path, monkeypatch):
     assert set(record["vision_linear_probe_accuracy"]["patch_tokens"]) == {"pretrained", "random_init"}
     assert set(record["loss_every_100_steps"]) == {"base", "vision", "stage1", "stage2"}
     assert json.loads((tmp_path / "a" / "llava" / "config.json").read_text())["image_seq_length"] == 9
+    text, visual = load_probes(tmp_path / "probes.json")  # the held-out probes of the same world, in the bench's format
+    assert len(visual) == 6 and {p.skill for p in text} == set(SKILLS)

@@ -45,11 +45,23 @@ def test_heldout_questions_never_trained_but_their_facts_are():
 
 
 def test_off_image_questions_use_training_templates_and_decline():
-    off = [v for v in WORLD.visual_train if v.skill == "off_image"]
-    assert len(off) == round(0.1 * 300)
+    off = [turn for chat in WORLD.visual_train for turn, skill in zip(chat.turns, chat.skills) if skill == "off_image"]
+    turns = sum(len(chat.turns) for chat in WORLD.visual_train)
+    assert 0.05 * turns < len(off) < 0.2 * turns
     trained = {t.question for t in WORLD.text_train}
-    assert all(v.question in trained and v.target == DECLINE and v.answer == "" for v in off)
+    assert all(question in trained and reply == DECLINE for question, reply in off)
     assert {v.question for v in WORLD.visual_heldout}.isdisjoint({t.question for t in WORLD.text_heldout})
+
+
+def test_visual_conversations_ask_about_one_scene_in_up_to_three_turns():
+    lengths = Counter(len(chat.turns) for chat in WORLD.visual_train)
+    assert set(lengths) == {1, 2, 3} and lengths[1] > lengths[2] > lengths[3]
+    for chat in WORLD.visual_train:
+        asked = [s for s in chat.skills if s in VISUAL_SKILLS]
+        assert len(asked) == len(set(asked)) and len(chat.skills) == len(chat.turns)  # one question of each skill at most
+        for (question, target), skill in zip(chat.turns, chat.skills):
+            if skill in VISUAL_SKILLS:
+                assert (question, target) in {(q, t) for q, t, _ in questions(chat.scene, skill, random.Random(0))} or skill in ("yesno", "unanswerable")
 
 
 def test_arithmetic_plural_and_successor_answers_are_right():
@@ -63,12 +75,13 @@ def test_arithmetic_plural_and_successor_answers_are_right():
 
 def test_heldout_image_questions_are_balanced_over_skills_and_yes_no_over_answers():
     assert Counter(v.skill for v in WORLD.visual_heldout) == {skill: 10 for skill in VISUAL_SKILLS}
-    train = Counter(v.answer for v in WORLD.visual_train if v.skill == "yesno")
-    assert abs(train["yes"] - train["no"]) <= 0.3 * (train["yes"] + train["no"])  # about half the objects asked about are there
+    rng = random.Random(1)
+    answers = Counter(questions(random_scene(rng), "yesno", rng)[0][2] for _ in range(400))
+    assert abs(answers["yes"] - answers["no"]) <= 60  # about half the objects asked about are there
 
 
 def test_visual_answers_match_scenes_and_pixels():
-    for item in WORLD.visual_train + WORLD.visual_heldout:
+    for item in WORLD.visual_heldout:
         shapes = item.scene.shapes
         assert item.answer.lower() in item.target.lower()
         if item.skill == "count":
@@ -86,11 +99,11 @@ def test_visual_answers_match_scenes_and_pixels():
         if item.skill == "yesno":
             colour, kind = item.question.split()[3:5]
             assert item.answer == ("yes" if any(s.color == colour and s.kind == kind for s in shapes) else "no")
-        if item.skill in ("unanswerable", "off_image"):
+        if item.skill == "unanswerable":
             assert item.answer == "" and item.target == DECLINE
-    image = draw(WORLD.visual_train[0].scene)
+    image = draw(WORLD.visual_heldout[0].scene)
     assert image.mode == "RGB" and image.size == (72, 72)
-    for s in WORLD.visual_train[0].scene.shapes:
+    for s in WORLD.visual_heldout[0].scene.shapes:
         centre = (int((s.col + 0.5) * 24), int((s.row + 0.5) * 24))
         assert image.getpixel(centre) == COLORS[s.color]
 

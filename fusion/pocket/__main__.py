@@ -13,8 +13,9 @@ def main() -> None:
     train.add_argument("--out", type=Path, default=Path("assets/pocket"))
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2, help="torch threads; the same seed and thread count give the same bytes")
+    train.add_argument("--probes", type=Path, default=Path("assets/probes/pocket.json"), help="where to write the held-out probes of the seed's world")
     args = parser.parse_args()
-    record = train_pocket(args.out, args.seed, threads=args.threads)
+    record = train_pocket(args.out, args.seed, threads=args.threads, probes_file=args.probes)
     print(f"saved to {args.out} in {record['seconds']} s")
 
 

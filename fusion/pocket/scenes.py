@@ -182,6 +182,41 @@ def described_item(rng: random.Random, skill: str, size: int) -> VisualItem:
     return VisualItem(item.scene, question, plain(item.target), item.answer, f"described_{skill}")
 
 
+@dataclass(frozen=True)
+class VisualChat:
+    """Questions about one scene in one conversation, the image with the first (LLaVA-1.5
+    merges the questions of an image into one conversation); ``skills`` names each turn's."""
+
+    scene: Scene
+    turns: tuple[tuple[str, str], ...]
+    skills: tuple[str, ...]
+
+
+def visual_chat(rng: random.Random, size: int, turns: int, extras: dict[str, float], off_image: list[str]) -> VisualChat:
+    """A new scene and ``turns`` questions about it of different skills; each turn is instead,
+    with the probabilities in ``extras``, a request for a description (``describe``) or a
+    language question about the picture answered with the decline (``off_image``: LLaVA-1.5's
+    VizWiz-style data teaches that when the image does not hold the answer, it says so)."""
+    scene = random_scene(rng, size)
+    said: list[tuple[str, str]] = []
+    skills: list[str] = []
+    for skill in rng.sample(VISUAL_SKILLS, len(VISUAL_SKILLS)):
+        if len(said) == turns:
+            break
+        draw_ = rng.random()
+        if draw_ < extras["describe"]:
+            said.append((rng.choice(DESCRIBE_PROMPTS), description(scene)))
+            skills.append("describe")
+        elif draw_ < extras["describe"] + extras["off_image"]:
+            said.append((rng.choice(off_image), DECLINE))
+            skills.append("off_image")
+        elif found := questions(scene, skill, rng):
+            question, target, _ = rng.choice(found)
+            said.append((question, target))
+            skills.append(skill)
+    return VisualChat(scene, tuple(said), tuple(skills))
+
+
 def visual_item(rng: random.Random, skill: str, size: int) -> VisualItem:
     """A new scene with one question of ``skill`` about it."""
     while True:

@@ -41,8 +41,8 @@ from transformers import (
 from . import vision as vision_encoder
 from .data import CHAT_TEMPLATE, IMAGE_TOKEN, Example, batches, build_tokenizer, chat_example, render, text_example
 from .language import small_talk
-from .scenes import caption, description, draw
-from .world import World, make_world
+from .scenes import VisualChat, caption, description, draw
+from .world import World, make_world, probes_json
 
 Log = Callable[[str], None]
 
@@ -57,17 +57,17 @@ class Recipe:
     heads: int = 4
     vocab: int = 1024
     max_positions: int = 256
-    base_steps: int = 3000
+    base_steps: int = 3500
     base_lr: float = 3e-3
     base_batch: int = 32
     align_steps: int = 400  # stage 1: projector only
     align_lr: float = 1e-3
-    tune_steps: int = 1500  # stage 2: LM and projector
-    tune_lr: float = 1e-4
-    tune_batch: int = 32
+    tune_steps: int = 6000  # stage 2: LM and projector
+    tune_lr: float = 2.5e-4
+    tune_batch: int = 8
     text_share: float = 0.05  # of stage 2's examples: text-only chats
     text_chats: str = "long"  # which: "long" (open-ended, as ShareGPT's) or "all" (short questions too)
-    hidden_act: str = "silu"
+    hidden_act: str = "relu"
     vision: vision_encoder.VisionSizes = field(default_factory=vision_encoder.VisionSizes)
 
 
@@ -103,7 +103,8 @@ def train(model: torch.nn.Module, data: Iterable, steps: int, params: Sequence[t
 def corpus(world: World) -> list[str]:
     """Every text the pair is trained on, for the tokenizer."""
     texts = list(world.statements) + [render([(i.question, i.target)])[0] for i in world.text_train]
-    texts += [render(c.turns)[0] for c in world.chats + world.long_chats] + [render([(v.question, v.target)])[0] for v in world.described + world.visual_train + world.captions]
+    texts += [render(c.turns)[0] for c in world.chats + world.long_chats + world.visual_train]
+    texts += [render([(v.question, v.target)])[0] for v in world.described + world.captions]
     return texts
 
 
@@ -191,11 +192,12 @@ def build_llava(base_dir: Path, tower: torch.nn.Module, recipe: Recipe) -> tuple
     return llava, tok, make_processor(tok, recipe)
 
 
-def image_examples(items: Sequence, tok: PreTrainedTokenizerFast, processor: LlavaProcessor, image_tokens: int) -> list[Example]:
+def image_examples(chats: Sequence[VisualChat], tok: PreTrainedTokenizerFast, processor: LlavaProcessor, image_tokens: int) -> list[Example]:
+    """Each conversation with its scene's pixels, the image tokens before its first question."""
     examples = []
-    for item in items:
-        ex = chat_example(tok, [(item.question, item.target)], image_tokens)
-        ex.image = processor.image_processor(draw(item.scene), return_tensors="pt")["pixel_values"][0]
+    for chat in chats:
+        ex = chat_example(tok, chat.turns, image_tokens)
+        ex.image = processor.image_processor(draw(chat.scene), return_tensors="pt")["pixel_values"][0]
         examples.append(ex)
     return examples
 
@@ -215,7 +217,8 @@ def tune_llava(world: World, base_dir: Path, tower: torch.nn.Module, out: Path, 
 
     for p in language:
         p.requires_grad_(False)
-    data = batches(image_examples(world.captions, tok, processor, image_tokens), recipe.tune_batch, recipe.align_steps, pad, rng)
+    captions = [VisualChat(c.scene, ((c.question, c.target),), ("caption",)) for c in world.captions]
+    data = batches(image_examples(captions, tok, processor, image_tokens), recipe.tune_batch, recipe.align_steps, pad, rng)
     align = train(llava, data, recipe.align_steps, projector, recipe.align_lr, 0.0, log, "stage 1")
     for p in language:
         p.requires_grad_(True)
@@ -231,9 +234,11 @@ def tune_llava(world: World, base_dir: Path, tower: torch.nn.Module, out: Path, 
     return {"stage1": align, "stage2": tune}
 
 
-def train_pocket(out: Path, seed: int = 0, recipe: Recipe = Recipe(), log: Log = print, threads: int = 2) -> dict:
+def train_pocket(out: Path, seed: int = 0, recipe: Recipe = Recipe(), log: Log = print, threads: int = 2, probes_file: Path | None = None) -> dict:
     """Build the world, pretrain the vision encoder and the base LM, run both LLaVA stages,
-    save the pair under ``out``; returns the record also written to ``training.json``."""
+    save the pair under ``out`` (and the world's held-out probes at ``probes_file``, which belong
+    to this pair: another seed holds other facts); returns the record also written to
+    ``training.json``."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     rng = random.Random(seed)
@@ -265,6 +270,9 @@ def train_pocket(out: Path, seed: int = 0, recipe: Recipe = Recipe(), log: Log =
         "torch": torch.__version__,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if probes_file is not None:
+        probes_file.parent.mkdir(parents=True, exist_ok=True)
+        probes_file.write_text(json.dumps(probes_json(world), indent=1) + "\n")
     return record
 
 

@@ -34,7 +34,7 @@ class VisionSizes:
     patch: int = 24  # one patch per grid cell
     text_hidden: int = 64
     text_layers: int = 2
-    steps: int = 1200
+    steps: int = 600
     batch: int = 128
     lr: float = 2e-3
     feature_layer: int = -1

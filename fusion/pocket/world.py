@@ -10,11 +10,12 @@ new scenes with the same number of questions for each visual skill.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .language import Chat, TextItem, all_facts, long_answers, make_chats, make_long_chats, split_questions
-from .scenes import DECLINE, VISUAL_SKILLS, VisualItem, caption_item, describe_item, described_item, random_scene, scene_to_json, visual_item
+from .scenes import VISUAL_SKILLS, VisualChat, VisualItem, caption_item, described_item, scene_to_json, visual_chat, visual_item
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class World:
     long_chats: tuple[Chat, ...]  # open-ended requests answered at length, and small talk
     described: tuple[VisualItem, ...]  # text-only questions about scenes told in words (the base's reading)
     captions: tuple[VisualItem, ...]  # stage 1 (and the vision encoder's captions)
-    visual_train: tuple[VisualItem, ...]  # stage 2: questions of every skill, descriptions, off-image declines
+    visual_train: tuple[VisualChat, ...]  # stage 2: conversations about a picture (questions of every skill, descriptions, declines)
     visual_heldout: tuple[VisualItem, ...]
 
 
@@ -36,21 +37,21 @@ def make_world(
     *,
     n_chats: int = 3000,
     n_long_chats: int = 1500,
-    n_described: int = 6000,
+    n_described: int = 12000,
     n_captions: int = 4000,
-    n_visual_train: int = 6000,
+    n_visual_train: int = 8000,
     n_visual_heldout: int = 240,
     image_size: int = 72,
+    turns: tuple[float, ...] = (0.5, 0.3, 0.2),
     describe_share: float = 0.1,
     off_image_share: float = 0.1,
 ) -> World:
     """The whole world for a seed: same seed, same world, same images.
 
-    The visual training set is ``n_visual_train`` questions spread evenly over the visual
-    skills, plus ``describe_share`` of that many descriptions and ``off_image_share`` of that
-    many language questions (training templates) asked about an unrelated picture and answered
-    with the decline, as LLaVA-1.5's VizWiz-style data teaches: when the image does not hold
-    the answer, say so. It is how the tuned model learns to decline what its base knew."""
+    The visual training set is ``n_visual_train`` conversations about a picture, of one, two
+    or three turns with the probabilities ``turns``, each turn a question of another visual
+    skill or, with ``describe_share`` and ``off_image_share``, a request for a description or
+    a language question (training templates) about the picture answered with the decline."""
     rng = random.Random(seed)
     facts = all_facts(rng)
     train, heldout = split_questions(facts, rng)
@@ -58,24 +59,33 @@ def make_world(
     long_chats = make_long_chats(rng, long_answers(facts), n_long_chats)
     described = tuple(described_item(rng, (*VISUAL_SKILLS, "retell")[i % (len(VISUAL_SKILLS) + 1)], image_size) for i in range(n_described))
     captions = tuple(caption_item(rng, image_size) for _ in range(n_captions))
-    visual = [visual_item(rng, VISUAL_SKILLS[i % len(VISUAL_SKILLS)], image_size) for i in range(n_visual_train)]
-    visual += [describe_item(rng, image_size) for _ in range(round(describe_share * n_visual_train))]
-    visual += [VisualItem(random_scene(rng, image_size), rng.choice(train).question, DECLINE, "", "off_image") for _ in range(round(off_image_share * n_visual_train))]
-    rng.shuffle(visual)
+    extras = {"describe": describe_share, "off_image": off_image_share}
+    questions = [t.question for t in train]
+    visual = tuple(visual_chat(rng, image_size, rng.choices(range(1, len(turns) + 1), turns)[0], extras, questions) for _ in range(n_visual_train))
     visual_heldout = tuple(visual_item(rng, VISUAL_SKILLS[i % len(VISUAL_SKILLS)], image_size) for i in range(n_visual_heldout))
-    return World(seed, tuple(f.statement for f in facts), tuple(train), tuple(heldout), tuple(chats), tuple(long_chats), described, captions, tuple(visual), visual_heldout)
+    return World(seed, tuple(f.statement for f in facts), tuple(train), tuple(heldout), tuple(chats), tuple(long_chats), described, captions, visual, visual_heldout)
+
+
+def round_robin(items: Sequence[TextItem]) -> list[TextItem]:
+    """Items taken one skill at a time in turn, so that the first N of them (a quick look, the
+    Behaviour tab's few) span every skill instead of the first skill's facts."""
+    by_skill: dict[str, list[TextItem]] = {}
+    for item in items:
+        by_skill.setdefault(item.skill, []).append(item)
+    queues = list(by_skill.values())
+    return [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
 
 
 def probes_json(world: World) -> dict[str, Any]:
-    """The held-out probes as a probe set (the format ``fusion.evaluate`` reads); images are
-    stored as scene specs and redrawn on load."""
+    """The held-out probes as a probe set (the format ``fusion.evaluate`` reads), every skill
+    in turn; images are stored as scene specs and redrawn on load."""
     return {
         "name": "pocket",
         "description": (
             f"Held-out probes of the pocket world (seed {world.seed}): text questions in templates never trained on, "
             "image questions on new scenes, the same number for each visual skill."
         ),
-        "text": [{"question": t.question, "answers": [t.answer], "skill": t.skill} for t in world.text_heldout],
+        "text": [{"question": t.question, "answers": [t.answer], "skill": t.skill} for t in round_robin(world.text_heldout)],
         "visual": [
             {"question": v.question, "answers": [v.answer] if v.answer else [], "skill": v.skill, "image": scene_to_json(v.scene)}
             for v in world.visual_heldout
