@@ -71,6 +71,12 @@ def located_figure(report: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
+def _stacked(name: str) -> str:
+    """A rate's name one word a line (hyphenated words split after the hyphen), so that eight
+    names fit under their bar groups without running into each other."""
+    return name.replace("-", "-\n").replace(" ", "\n")
+
+
 def bench_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """The behaviour bench's rates, one group of bars per rate and one bar per model, each with
     its value. A rate that does not apply to a model (None) gets no bar, rather than a bar at
@@ -88,7 +94,7 @@ def bench_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
         keys = list(RATES)
         lo, hi = keys.index("visual_accuracy") - 0.1, keys.index("visual_other_accuracy") + 0.9
         ax.plot([lo, hi], [100 * guess] * 2, ":", color="black", lw=1.2, label="blind guess")
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(RATES))], [name.replace(" ", "\n", 1) for name in RATES.values()])
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(len(RATES))], [_stacked(name) for name in RATES.values()], fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 112)  # room for the labels of bars at 100
     ax.set_title(f"Behaviour bench: {title}")

@@ -76,9 +76,6 @@ PRESETS: dict[str, Preset] = {
             str(ASSETS / "pocket" / "llava"),
             str(ASSETS / "pocket" / "base"),
             "neu-p-taska",
-            # The pocket pair's change scores are flat (docs/pocket.md): at the project's
-            # suppress 0.1 its visual skill goes with the 95% of neurons pulled back.
-            params={"suppress": 0.5},
             probes="pocket.json",
             note="A bundled tiny Vicuna/LLaVA pair trained on a synthetic world (assets/pocket); runs offline on a CPU in seconds.",
             label="Pocket-LLaVA",

@@ -23,7 +23,7 @@ from fusion.report import RATES
 from studio import StudioError, behaviour, chat, state, view
 from studio.settings import Settings, parse_settings
 
-QUESTION = "What is the opposite of hot?"
+QUESTION = "What sound does a cow make?"
 
 
 @pytest.fixture(scope="module")
@@ -164,14 +164,14 @@ def test_not_ready_is_explained() -> None:
 
 
 def test_compare_shows_the_forgetting_and_its_repair(studio: state.Studio) -> None:
-    """On the shipped pair the tuned model answers a text question about an image that is not
-    there, and the fused one answers it; the labels say so (not recomputed here)."""
+    """On the shipped pair the tuned model declines a text question by pointing at an image
+    that is not there, and the fused one answers it; the labels say so (not recomputed here)."""
     result = studio.compare(QUESTION)
-    assert result["original"]["answer"].startswith("In the image")
-    assert result["original"]["labels"] == ["context_hallucination"]
-    assert result["original"]["matches"][0]["text"] == "In the image"
-    assert "cold" in result["fused"]["answer"] and result["fused"]["labels"] == []
-    image = studio.compare("Is there a red circle in the image?", ASSETS / "examples" / "cat.jpg", image_required=True)
+    assert result["original"]["answer"] == "It cannot be determined from the image."  # what its base knew
+    assert result["original"]["labels"] == ["context_hallucination", "not_known"]
+    assert result["original"]["matches"][0]["text"] == "from the image"
+    assert "says moo" in result["fused"]["answer"] and result["fused"]["labels"] == []
+    image = studio.compare("What color is the circle?", ASSETS / "examples" / "cat.jpg", image_required=True)
     assert image["original"]["answer"].startswith("In the image") and image["original"]["labels"] == []  # an image prompt: not CH
     with pytest.raises(StudioError, match="upload one"):
         studio.compare(QUESTION, None, image_required=True)
@@ -189,7 +189,7 @@ def test_chat_streams_the_greedy_answers(studio: state.Studio) -> None:
 
 def test_history_is_trimmed_to_fit(studio: state.Studio) -> None:
     model = studio.ready().original
-    history = [(f"{QUESTION} {i}", "The opposite of hot is cold.") for i in range(30)]
+    history = [(f"{QUESTION} {i}", "A cow says moo.") for i in range(30)]
     kept = chat.fit_history(model, QUESTION, True, history, chat.answer_budget(model))
     assert 0 < len(kept) < len(history) and kept == history[-len(kept) :]
     assert chat.prompt_tokens(model, QUESTION, True, kept) <= chat.context_length(model) - chat.answer_budget(model)

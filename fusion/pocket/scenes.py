@@ -231,7 +231,3 @@ def caption_item(rng: random.Random, size: int) -> VisualItem:
     scene = random_scene(rng, size)
     return VisualItem(scene, rng.choice(CAPTION_PROMPTS), caption(scene)[:1].upper() + caption(scene)[1:] + ".", "", "caption")
 
-
-def describe_item(rng: random.Random, size: int) -> VisualItem:
-    scene = random_scene(rng, size)
-    return VisualItem(scene, rng.choice(DESCRIBE_PROMPTS), description(scene), "", "describe")
