@@ -79,7 +79,7 @@ def main() -> None:
 
         tab(page, "Behaviour")
         page.get_by_role("button", name="Run probes").click()
-        expect(page.locator("#nf-bench-table table")).to_be_visible(timeout=120_000)
+        expect(page.locator("#nf-bench-table table").first).to_be_visible(timeout=120_000)
         page.wait_for_timeout(1000)
         shoot(page, out / "behaviour.png")
         browser.close()
