@@ -20,10 +20,9 @@ safetensors, and ``training.json`` with the command, sizes, timings, losses and 
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from transformers import (
 from . import vision as vision_encoder
 from .data import CHAT_TEMPLATE, IMAGE_TOKEN, Example, batches, build_tokenizer, chat_example, render, text_example
 from .language import small_talk
+from .optim import optimise
 from .scenes import VisualChat, caption, description, draw
 from .world import World, make_world, probes_json
 
@@ -71,33 +71,16 @@ class Recipe:
     vision: vision_encoder.VisionSizes = field(default_factory=vision_encoder.VisionSizes)
 
 
-def schedule(steps: int) -> Callable[[int], float]:
-    """Linear warm-up over the first 3% of steps (LLaVA's warmup_ratio), then cosine decay."""
-    warm = max(1, round(0.03 * steps))
-    return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-
-
 def train(model: torch.nn.Module, data: Iterable, steps: int, params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float, log: Log, name: str) -> list[float]:
-    """AdamW on ``params`` with ``schedule``; returns the loss curve (mean every 100 steps)."""
-    opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
-    model.train()
-    curve, running = [], 0.0
-    for step, (ids, mask, labels, images) in enumerate(data, 1):
-        kwargs = {"pixel_values": images} if images is not None else {}
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if step % 100 == 0:
-            curve.append(round(running / 100, 4))
-            log(f"  {name} step {step}: loss {running / 100:.3f}")
-            running = 0.0
-    model.eval()
-    return curve
+    """``optimise`` on the LM's next-token loss over ``data``'s batches (token ids, mask,
+    labels, and pixels where the batch has images)."""
+
+    def losses() -> Iterator[torch.Tensor]:
+        for ids, mask, labels, images in data:
+            kwargs = {"pixel_values": images} if images is not None else {}
+            yield model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs).loss
+
+    return optimise(model, losses(), steps, params, lr, weight_decay, log, name)
 
 
 def corpus(world: World) -> list[str]:

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast
 
-from .scenes import COLORS, KINDS, Scene, caption, random_scene
+from .optim import optimise
+from .scenes import COLORS, KINDS, Scene, caption, draw, random_scene
 
 PROBE_SCENES = (3000, 1000)  # scenes the linear probes are fitted on, and scored on
 
@@ -86,8 +87,6 @@ class Contrastive(nn.Module):
 
 
 def pixels(processor: Callable, scenes: Sequence[Scene]) -> Tensor:
-    from .scenes import draw
-
     return processor([draw(s) for s in scenes], return_tensors="pt")["pixel_values"]
 
 
@@ -97,23 +96,14 @@ def pretrain(
     """The vision tower after ``sizes.steps`` contrastive steps on new random scenes each step,
     and the loss curve (mean every 100 steps)."""
     model = Contrastive(sizes, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=sizes.lr, weight_decay=0.1)
-    warm = max(1, sizes.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, sizes.steps) / sizes.steps)))
-    curve, running = [], 0.0
-    for step in range(1, sizes.steps + 1):
-        scenes = [random_scene(rng, sizes.image_size) for _ in range(sizes.batch)]
-        text = tok([caption(s) for s in scenes], padding=True, return_tensors="pt", add_special_tokens=False)
-        loss = model.loss(pixels(image_processor, scenes), text["input_ids"], text["attention_mask"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if step % 100 == 0:
-            curve.append(round(running / 100, 4))
-            log(f"  vision step {step}: contrastive loss {running / 100:.3f}")
-            running = 0.0
+
+    def losses() -> Iterator[Tensor]:
+        for _ in range(sizes.steps):
+            scenes = [random_scene(rng, sizes.image_size) for _ in range(sizes.batch)]
+            text = tok([caption(s) for s in scenes], padding=True, return_tensors="pt", add_special_tokens=False)
+            yield model.loss(pixels(image_processor, scenes), text["input_ids"], text["attention_mask"])
+
+    curve = optimise(model, losses(), sizes.steps, list(model.parameters()), sizes.lr, 0.1, log, "vision (contrastive)", warmup=0.05, clip=None)
     model.vision.eval()
     return model.vision, curve
 
