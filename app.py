@@ -17,6 +17,7 @@ import functools  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from contextlib import closing  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -166,9 +167,10 @@ class ChatTab:
         present = object_presence(self.studio.ready().preset, image, text) if image else None
         n = 3 if with_base else 2
         answers: list[str] = [""] * n
-        for answers in stream:
-            live = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
-            yield [*self.view(live, answers + [None] * (len(histories) - n), present), histories, ""]
+        with closing(stream):  # a visitor who leaves closes this generator: generation stops with it
+            for answers in stream:
+                live = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
+                yield [*self.view(live, answers + [None] * (len(histories) - n), present), histories, ""]
         done = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
         yield [*self.view(done, answers + [None] * (len(histories) - n), present), done, ""]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from typing import Any
 
 import torch
@@ -24,6 +24,9 @@ from .architectures import SHARED_MODULES, VISION_EXTRA_TOKENS
 from .checkpoint import resolve_directory
 from .errors import FusionError
 
+# How long a closed stream waits for its generation thread: one forward pass, even of a 7B
+# model on a CPU, ends well within it; a thread still running after it is left to finish alone.
+JOIN_SECONDS = 120.0
 VICUNA_SYSTEM = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions."
 VICUNA_TEMPLATE = (
     VICUNA_SYSTEM + " {% for message in messages %}"
@@ -88,6 +91,18 @@ def complete_processor(processor: Any, config: Any) -> None:
 
 def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+class _Halt:
+    """A stopping criterion (transformers calls it after every token) that ends generation
+    once either event is set: the stream's own (closed by its consumer) or the caller's."""
+
+    def __init__(self, closed: Event, stop: Event | None) -> None:
+        self.events = [e for e in (closed, stop) if e is not None]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 @dataclass
@@ -183,30 +198,49 @@ class ChatModel:
                     answers[i] = text.strip()
         return answers
 
-    def stream(self, question: str, image: Image.Image | None = None, *, history: Sequence[tuple[str, str]] = (), max_new_tokens: int = 64) -> Iterator[str]:
+    def stream(
+        self,
+        question: str,
+        image: Image.Image | None = None,
+        *,
+        history: Sequence[tuple[str, str]] = (),
+        max_new_tokens: int = 64,
+        stop: Event | None = None,
+    ) -> Iterator[str]:
         """The greedy answer to one question, yielded as it grows (the app shows it live).
         Generation runs in a thread feeding transformers' ``TextIteratorStreamer``; an error
-        there ends the stream and is raised here."""
-        from transformers import TextIteratorStreamer
+        there ends the stream and is raised here. Generation stops at the next token once
+        ``stop`` is set or once this stream is closed (its consumer went away), and the thread
+        is joined before the stream ends: an abandoned answer costs no more compute."""
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         if image is not None and not self.multimodal:
             raise ValueError(f"{self.name} is a text-only model: it cannot take images")
         inputs = self._inputs([self.prompt(question, image is not None, history)], [image] if image is not None else None)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        closed = Event()
+        halt = StoppingCriteriaList([_Halt(closed, stop)])
         failure: list[BaseException] = []
 
         def generate() -> None:
             try:
                 with torch.inference_mode():
-                    self.model.generate(**inputs, streamer=streamer, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+                    self.model.generate(
+                        **inputs, streamer=streamer, stopping_criteria=halt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                    )
             except BaseException as err:  # handed to the consumer below
                 failure.append(err)
                 streamer.end()
 
-        Thread(target=generate, daemon=True).start()
-        text = ""
-        for piece in streamer:
-            text += piece
-            yield text.strip()
+        worker = Thread(target=generate, name=f"generate-{self.name}", daemon=True)
+        worker.start()
+        try:
+            text = ""
+            for piece in streamer:
+                text += piece
+                yield text.strip()
+        finally:
+            closed.set()
+            worker.join(JOIN_SECONDS)
         if failure:
             raise failure[0]

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from fusion.inference import ChatModel
+from fusion.inference import JOIN_SECONDS, ChatModel
 
 from . import StudioError
 from .settings import DEFAULT_MAX_NEW_TOKENS
@@ -107,9 +107,12 @@ def fit_history(model: ChatModel, question: str, image: bool, history: Sequence[
     return turns
 
 
-def merge_streams(streams: Sequence[Iterator[str]]) -> Iterator[list[str]]:
+def merge_streams(streams: Sequence[Iterator[str]], stop: threading.Event) -> Iterator[list[str]]:
     """Drive several answer streams at once (each in its own thread); yield every stream's
-    latest text whenever any of them moved. An error in one is raised here."""
+    latest text whenever any of them moved. An error in one is raised here. ``stop`` is the
+    event the streams' generation watches (``ChatModel.stream``): when this stream ends, fails
+    or is closed because its visitor left, it is set and the threads are joined, so that no
+    model goes on generating for nobody."""
     latest = [""] * len(streams)
     updates: queue.Queue[tuple[int, str | None, BaseException | None]] = queue.Queue()
 
@@ -121,21 +124,27 @@ def merge_streams(streams: Sequence[Iterator[str]]) -> Iterator[list[str]]:
         except BaseException as err:  # handed to the consumer
             updates.put((i, None, err))
 
-    for i, stream in enumerate(streams):
-        threading.Thread(target=pump, args=(i, stream), daemon=True).start()
-    running = len(streams)
-    while running:
-        batch = [updates.get()]
-        while not updates.empty():
-            batch.append(updates.get_nowait())
-        for i, text, err in batch:
-            if err is not None:
-                raise err
-            if text is None:
-                running -= 1
-            else:
-                latest[i] = text
-        yield list(latest)
+    pumps = [threading.Thread(target=pump, args=(i, stream), name=f"answer-{i}", daemon=True) for i, stream in enumerate(streams)]
+    for thread in pumps:
+        thread.start()
+    try:
+        running = len(streams)
+        while running:
+            batch = [updates.get()]
+            while not updates.empty():
+                batch.append(updates.get_nowait())
+            for i, text, err in batch:
+                if err is not None:
+                    raise err
+                if text is None:
+                    running -= 1
+                else:
+                    latest[i] = text
+            yield list(latest)
+    finally:
+        stop.set()
+        for thread in pumps:
+            thread.join(JOIN_SECONDS)
 
 
 T = TypeVar("T")

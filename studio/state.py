@@ -266,14 +266,14 @@ class Studio:
         pair = self.ready()
         fused = self.variant(variant)
         models = [pair.original, fused.model] + ([self.base()] if with_base else [])
-        streams = []
+        streams, stop = [], threading.Event()
         for model, history in zip(models, histories):
             # the base LLM cannot see the image: it gets the question alone
             seen = image if model.multimodal else None
             budget = answer_budget(model, self.settings.max_new_tokens)
             turns = fit_history(model, text, seen is not None, history, budget)
-            streams.append(model.stream(text, seen, history=turns, max_new_tokens=budget))
-        return text, self._pinned(fused, merge_streams(streams))
+            streams.append(model.stream(text, seen, history=turns, max_new_tokens=budget, stop=stop))
+        return text, self._pinned(fused, merge_streams(streams, stop))
 
     def _pinned(self, variant: Variant, answers: Iterator[list[str]]) -> Iterator[list[str]]:
         """The answers, with ``variant`` kept out of eviction until they are complete."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
@@ -198,14 +200,44 @@ def test_history_is_trimmed_to_fit(studio: state.Studio) -> None:
 
 
 def test_merge_streams_interleaves_and_raises() -> None:
-    assert list(chat.merge_streams([iter(["a", "ab"]), iter(["x"])]))[-1] == ["ab", "x"]
+    stop = threading.Event()
+    assert list(chat.merge_streams([iter(["a", "ab"]), iter(["x"])], stop))[-1] == ["ab", "x"]
+    assert stop.is_set()  # ended: whatever watches it stops
 
     def broken():
         yield "a"
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        list(chat.merge_streams([broken(), iter(["x"])]))
+        list(chat.merge_streams([broken(), iter(["x"])], threading.Event()))
+
+
+def _generating() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("generate-", "answer-"))]
+
+
+def test_an_abandoned_chat_stops_generating(studio: state.Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A visitor who closes a streaming chat after its first words: every model stops within a
+    token or two and every thread is gone when the stream is closed, rather than running on to
+    the token budget (made long here: no end-of-sequence token, 150 new tokens)."""
+    pair = studio.ready()
+    models = [pair.original.model, pair.fused.model, studio.base().model]
+    steps = [0]
+    hooks = [m.register_forward_hook(lambda *_: steps.__setitem__(0, steps[0] + 1)) for m in models]
+    for m in models:
+        monkeypatch.setattr(m.generation_config, "eos_token_id", None)
+    monkeypatch.setattr(state, "answer_budget", lambda model, limit: 150)
+    try:
+        _, stream = studio.chat(QUESTION, [[], [], []], with_base=True)
+        next(stream)
+        stream.close()
+        after_close = steps[0]
+        assert _generating() == []
+        time.sleep(0.5)
+        assert steps[0] == after_close < 3 * 20  # nothing ran after close; far from 3 × 150 steps
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def test_badges_show_fixed_labels_only() -> None:
