@@ -26,9 +26,10 @@ from gradio.data_classes import FileData  # noqa: E402
 from fusion.errors import FusionError  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
 from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
-from fusion.registry import BASELINES, METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
+from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
+from studio.chat import check_inner, check_method  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
@@ -276,13 +277,15 @@ def build(studio: Studio) -> gr.Blocks:
             default = studio.pair.default
             return [*refresh(), *variant_view(default), gr.Dropdown(value=default.name), *show_method(default.name, default.record["params"])]
 
-        def show_method(name: str, values: dict[str, Any] | None = None) -> list[Any]:
+        @user_errors
+        def show_method(name: Any, values: dict[str, Any] | None = None) -> list[Any]:
             """The chosen method's controls, at ``values`` (the fused recipe's) or the defaults."""
-            own, values = method_params(name), values or {}
+            own, values = method_params(check_method(name)), values or {}
             return [gr.update(visible=p.name in own, **({"value": values.get(p.name, own[p.name].default)} if p.name in own else {})) for p in params]
 
-        def show_inner(name: str, inner: str) -> list[Any]:
-            own = method_params(name, inner)
+        @user_errors
+        def show_inner(name: Any, inner: Any) -> list[Any]:
+            own = method_params(check_method(name), check_inner(inner))
             kept = {p.name for p in NEURON_FUSION_PARAMS}  # the user's Neuron-Fusion settings stay
             return [gr.update(visible=p.name in own, **({"value": own[p.name].default} if p.name in own and p.name not in kept else {})) for p in params]
 
@@ -297,8 +300,8 @@ def build(studio: Studio) -> gr.Blocks:
             """This visitor's own fused variant; everyone else keeps theirs (values are checked by
             the library: a name from the list, finite numbers in range, choices from their lists)."""
             by_name = dict(zip((p.name for p in params), values))
-            inner = by_name.get("inner") if by_name.get("inner") in BASELINES else None
-            wanted = method_params(name, inner)
+            name = check_method(name)
+            wanted = method_params(name, check_inner(by_name.get("inner")))
             variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)))
             default = variant is studio.ready().default
             note = "This is the default fused model." if default else f"Fused with **{name}** in memory in {variant.seconds:.1f} s; your fused columns now use it."

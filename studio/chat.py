@@ -20,21 +20,42 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fusion.inference import JOIN_SECONDS, ChatModel
+from fusion.registry import BASELINES, METHOD_NAMES
 
 from . import StudioError
 from .settings import DEFAULT_MAX_NEW_TOKENS
 
 MAX_MESSAGE_CHARS = 2000
+RAW_MESSAGE_CHARS = 4 * MAX_MESSAGE_CHARS  # before invisible characters are taken out
 MAX_IMAGE_BYTES = 10 << 20
 MAX_IMAGE_PIXELS = 36_000_000
 MAX_ASPECT = 20  # long side / short side
 
 
+def check_method(name: object) -> str:
+    """``name`` as one of the library's method names, or a StudioError: a client may send a
+    list, None or a number where the dropdown sends a name."""
+    if not isinstance(name, str) or name not in METHOD_NAMES:
+        raise StudioError(f"Unknown method {str(name)[:40]!r}; choose one of {', '.join(METHOD_NAMES)}.")
+    return name
+
+
+def check_inner(name: object) -> str | None:
+    """Neuron-Fusion's inner method as a client sent it: a baseline's name, else None (the
+    method's own default)."""
+    return name if isinstance(name, str) and name in BASELINES else None
+
+
 def check_message(message: object) -> str:
     """The message without invisible characters (zero-width spaces, direction marks, control
-    codes other than newlines and tabs), or a StudioError when nothing visible is left or it is
-    too long."""
-    raw = message if isinstance(message, str) else ""
+    codes other than newlines and tabs), or a StudioError when it is not text, nothing visible
+    is left or it is too long. The raw length is checked first: stripping a 100-million-
+    character message of its invisibles would cost half a minute and gigabytes."""
+    if not isinstance(message, str):
+        raise StudioError("The message must be text.")
+    if len(message) > RAW_MESSAGE_CHARS:
+        raise StudioError(f"The message is {len(message)} characters long; the limit is {MAX_MESSAGE_CHARS}. Shorten it.")
+    raw = message
     text = "".join(ch for ch in raw if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf", "Cs", "Co", "Cn")).strip()
     if not any(unicodedata.category(ch)[0] not in "CZ" for ch in text):
         raise StudioError("The message is empty: type a question first.")

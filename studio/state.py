@@ -19,11 +19,11 @@ from fusion.errors import FusionError
 from fusion.inference import ChatModel
 from fusion.merge import MergeStream, Progress, resolve_device
 from fusion.presets import Preset, get_preset
-from fusion.registry import METHOD_NAMES, resolve
+from fusion.registry import resolve
 
 from . import StudioError
 from .behaviour import BehaviourRun, BenchProgress, check_limit, run_behaviour
-from .chat import answer_budget, ask, ask_stream, check_message, fit_history, load_image, merge_streams
+from .chat import answer_budget, ask, ask_stream, check_message, check_method, fit_history, load_image, merge_streams
 from .settings import FALLBACK_PRESET, Settings
 from .variants import Variant, VariantStore, build_variant
 from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, titles
@@ -193,8 +193,7 @@ class Studio:
         here): the default, one already in the store, or a new one built in memory. Nobody
         else's variant changes."""
         pair = self.ready()
-        if method not in METHOD_NAMES:
-            raise StudioError(f"Unknown method {str(method)[:40]!r}; choose one of {', '.join(METHOD_NAMES)}.")
+        method = check_method(method)
         try:
             recipe = resolve(method, dict(params))
             stream = MergeStream(*pair.checkpoints, recipe, device=str(self.device))

@@ -107,6 +107,9 @@ def test_one_visitors_fuse_changes_nobody_elses_model(app) -> None:
     assert not refused["success"] and "suppress" in json.dumps(refused)
     unknown = queue_call(app.url, "refuse", fuse_values("../../etc/passwd"), session="visitor-a")
     assert not unknown["success"] and re.search(r"Unknown method|not in the list of choices", unknown["output"]["error"])
+    for hostile in ([], None, 7):  # each refused in the project's words, never Python's ("unhashable type")
+        odd = queue_call(app.url, "refuse", fuse_values(hostile), session="visitor-a")
+        assert not odd["success"] and re.search(r"Unknown method|not in the list of choices", odd["output"]["error"]), odd
     for client in (first, second):
         result = client.predict(question(), api_name="/compare_text")
         assert result["method"] == "neu-p-taska"

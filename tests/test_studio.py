@@ -59,10 +59,28 @@ def test_titles_name_the_method() -> None:
 # input checks
 
 
-@pytest.mark.parametrize(("message", "says"), [("", "empty"), ("   \n", "empty"), (None, "empty"), ("x" * (chat.MAX_MESSAGE_CHARS + 1), "limit")])
-def test_bad_messages(message: str | None, says: str) -> None:
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        (None, "must be text"),
+        (5, "must be text"),
+        ("x" * (chat.MAX_MESSAGE_CHARS + 1), "limit"),
+        ("\u200b" * 10_000_000 + "hi", "10000002 characters long"),  # refused on its raw length, before any stripping
+    ],
+)
+def test_bad_messages(message: object, says: str) -> None:
     with pytest.raises(StudioError, match=says):
         chat.check_message(message)
+
+
+@pytest.mark.parametrize("name", [[], None, 3, {"a": 1}, "../../etc/passwd"])
+def test_a_method_name_from_a_client_is_one_of_the_list(name: object) -> None:
+    with pytest.raises(StudioError, match="Unknown method"):
+        chat.check_method(name)
+    assert chat.check_inner(name) is None
+    assert chat.check_method("ties") == "ties" and chat.check_inner("dare") == "dare"
 
 
 def test_bad_images(tmp_path: Path) -> None:
@@ -471,7 +489,7 @@ def test_invisible_only_messages_are_empty(message: str) -> None:
 
 def test_invisible_characters_are_removed_from_a_message() -> None:
     assert chat.check_message("\u200bWhat is\u200d the capital\u2060 of France?\x07") == "What is the capital of France?"
-    with pytest.raises(StudioError, match="empty"):
+    with pytest.raises(StudioError, match="must be text"):
         chat.check_message(["not", "a", "string"])
 
 
