@@ -29,7 +29,7 @@ from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
-from studio.chat import check_inner, check_method  # noqa: E402
+from studio.chat import check_histories, check_inner, check_method  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
@@ -93,18 +93,6 @@ def user_errors(fn: Callable) -> Callable:
     return plain
 
 
-def checked_histories(histories: Any, columns: int) -> list[list[tuple[str, str]]]:
-    """A chat history as a client sent it (the session state, but callable by anyone), reduced
-    to what it may be: one list per column of (question, answer) string pairs."""
-    if not isinstance(histories, list):
-        return [[] for _ in range(columns)]
-    out = []
-    for turns in [*histories, *[[]] * columns][:columns]:
-        pairs = turns if isinstance(turns, list) else []
-        out.append([(q, a) for q, a in (t for t in pairs if isinstance(t, (list, tuple)) and len(t) == 2) if isinstance(q, str) and isinstance(a, str)])
-    return out
-
-
 def as_messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
     """Chat turns for gr.Chatbot. It renders HTML, so text is escaped: model output is shown
     as text."""
@@ -163,7 +151,7 @@ class ChatTab:
     def respond(self, message: str, histories: list[list[tuple[str, str]]], variant: str | None, *extra: Any) -> Any:
         image = extra[0] if self.image is not None else None
         with_base = bool(extra[-1]) if self.with_base is not None else False
-        histories = checked_histories(histories, len(self.chats))
+        histories = check_histories(histories, len(self.chats))
         text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base, variant=variant)
         present = object_presence(self.studio.ready().preset, image, text) if image else None
         n = 3 if with_base else 2

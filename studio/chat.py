@@ -27,6 +27,7 @@ from .settings import DEFAULT_MAX_NEW_TOKENS
 
 MAX_MESSAGE_CHARS = 2000
 RAW_MESSAGE_CHARS = 4 * MAX_MESSAGE_CHARS  # before invisible characters are taken out
+MAX_TURNS = 50  # chat turns kept per column
 MAX_IMAGE_BYTES = 10 << 20
 MAX_IMAGE_PIXELS = 36_000_000
 MAX_ASPECT = 20  # long side / short side
@@ -115,17 +116,39 @@ def prompt_tokens(model: ChatModel, question: str, image: bool, history: Sequenc
     return n + (int(getattr(model.model.config, "image_seq_length", 1)) - 1 if image else 0)
 
 
+def check_histories(histories: object, columns: int) -> list[list[tuple[str, str]]]:
+    """A chat history as a client sent it (the session state, but callable by anyone), reduced
+    to what it may be: one list per column of at most ``MAX_TURNS`` (question, answer) string
+    pairs, the most recent, each string cut to ``RAW_MESSAGE_CHARS``. Older turns would not
+    fit a model's context anyway, and a client may send a million."""
+    if not isinstance(histories, list):
+        return [[] for _ in range(columns)]
+    out = []
+    for turns in [*histories[:columns], *[[]] * columns][:columns]:
+        recent = turns[-MAX_TURNS:] if isinstance(turns, list) else []
+        pairs = [t for t in recent if isinstance(t, (list, tuple)) and len(t) == 2 and all(isinstance(x, str) for x in t)]
+        out.append([(q[:RAW_MESSAGE_CHARS], a[:RAW_MESSAGE_CHARS]) for q, a in pairs])
+    return out
+
+
 def fit_history(model: ChatModel, question: str, image: bool, history: Sequence[tuple[str, str]], budget: int) -> list[tuple[str, str]]:
     """The most recent turns that fit the context with room for a ``budget``-token answer; a
-    question that does not fit alone raises StudioError."""
+    question that does not fit alone raises StudioError. Found by bisection over how many
+    turns to keep (a prompt's length grows with every turn kept): a few tokenizations, not one
+    per turn dropped."""
     room = context_length(model) - budget
     turns = list(history)
-    while prompt_tokens(model, question, image, turns) > room:
-        if not turns:
-            n = prompt_tokens(model, question, image, [])
-            raise StudioError(f"The prompt is {n} tokens long; {model.name} reads at most {room} (plus {budget} for its answer). Shorten the message.")
-        turns.pop(0)
-    return turns
+    if prompt_tokens(model, question, image, []) > room:
+        n = prompt_tokens(model, question, image, [])
+        raise StudioError(f"The prompt is {n} tokens long; {model.name} reads at most {room} (plus {budget} for its answer). Shorten the message.")
+    fits, too_many = 0, len(turns) + 1  # keeping ``fits`` turns fits; keeping ``too_many`` does not
+    while too_many - fits > 1:
+        middle = (fits + too_many) // 2
+        if prompt_tokens(model, question, image, turns[len(turns) - middle :]) <= room:
+            fits = middle
+        else:
+            too_many = middle
+    return turns[len(turns) - fits :]
 
 
 def merge_streams(streams: Sequence[Iterator[str]], stop: threading.Event) -> Iterator[list[str]]:

@@ -207,12 +207,31 @@ def test_chat_streams_the_greedy_answers(studio: state.Studio) -> None:
     assert updates[-1] == expected
 
 
-def test_history_is_trimmed_to_fit(studio: state.Studio) -> None:
+def test_history_is_trimmed_to_fit(studio: state.Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The most recent turns that fit, the same as dropping the oldest one at a time would
+    keep, found in a few tokenizations (bisection), not one per turn."""
     model = studio.ready().original
-    history = [(f"{QUESTION} {i}", "A cow says moo.") for i in range(30)]
+    history = [(f"{QUESTION} {i}", "A cow says moo.") for i in range(300)]
+    room = chat.context_length(model) - chat.answer_budget(model)
+    linear = list(history)
+    while chat.prompt_tokens(model, QUESTION, True, linear) > room:
+        linear.pop(0)
+    counted = []
+    real = chat.prompt_tokens
+    monkeypatch.setattr(chat, "prompt_tokens", lambda *a: counted.append(1) or real(*a))
     kept = chat.fit_history(model, QUESTION, True, history, chat.answer_budget(model))
-    assert 0 < len(kept) < len(history) and kept == history[-len(kept) :]
-    assert chat.prompt_tokens(model, QUESTION, True, kept) <= chat.context_length(model) - chat.answer_budget(model)
+    assert 0 < len(kept) < len(history) and kept == history[-len(kept) :] == linear
+    assert len(counted) <= 12  # log2(301) + 2, where one per dropped turn would be ~290
+    assert real(model, QUESTION, True, kept) <= room
+
+
+def test_a_clients_history_is_bounded_and_cleaned() -> None:
+    turns = [[f"q{i}", f"a{i}"] for i in range(1000)] + [["q", 5], "junk", ["x" * 10**6, "long"]]
+    checked = chat.check_histories([turns, None], 3)
+    assert len(checked) == 3 and checked[1] == checked[2] == []
+    assert len(checked[0]) == chat.MAX_TURNS - 2  # the last 50 sent, less the two malformed ones
+    assert checked[0][0] == ("q953", "a953") and checked[0][-1] == ("x" * chat.RAW_MESSAGE_CHARS, "long")
+    assert chat.check_histories("not a list", 2) == [[], []]
     with pytest.raises(StudioError, match="tokens long"):
         chat.fit_history(model, " ".join(["word"] * 200), False, [], chat.answer_budget(model))
 
