@@ -223,6 +223,8 @@ def test_history_is_trimmed_to_fit(studio: state.Studio, monkeypatch: pytest.Mon
     assert 0 < len(kept) < len(history) and kept == history[-len(kept) :] == linear
     assert len(counted) <= 12  # log2(301) + 2, where one per dropped turn would be ~290
     assert real(model, QUESTION, True, kept) <= room
+    with pytest.raises(StudioError, match="tokens long"):
+        chat.fit_history(model, " ".join(["word"] * 200), False, [], chat.answer_budget(model))
 
 
 def test_a_clients_history_is_bounded_and_cleaned() -> None:
@@ -232,8 +234,6 @@ def test_a_clients_history_is_bounded_and_cleaned() -> None:
     assert len(checked[0]) == chat.MAX_TURNS - 2  # the last 50 sent, less the two malformed ones
     assert checked[0][0] == ("q953", "a953") and checked[0][-1] == ("x" * chat.RAW_MESSAGE_CHARS, "long")
     assert chat.check_histories("not a list", 2) == [[], []]
-    with pytest.raises(StudioError, match="tokens long"):
-        chat.fit_history(model, " ".join(["word"] * 200), False, [], chat.answer_budget(model))
 
 
 def test_merge_streams_interleaves_and_raises() -> None:
