@@ -29,7 +29,7 @@ from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
-from studio.chat import check_histories, check_inner, check_method  # noqa: E402
+from studio.chat import check_histories, check_image_file, check_inner, check_method  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
@@ -91,6 +91,31 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(public(str(err)), print_exception=False) from None
 
     return plain
+
+
+def preprocess_upload(payload: Any) -> str | None:
+    """The chat image input's preprocessing, in place of Gradio's: the upload is handed over
+    as a path without opening it (Gradio's own ``Image.open`` would decode what an ICO holds
+    before any check). The file's size, format and shape are checked from its header
+    (``studio.chat.check_image_file``); the handler decodes it once. A ``data:`` URL, which
+    Gradio would decode, is refused."""
+    if payload is None:
+        return None
+    if getattr(payload, "url", None) and str(payload.url).startswith("data:"):
+        raise gr.Error("Images are accepted as uploaded files, not as data: URLs.", print_exception=False)
+    try:
+        return str(check_image_file(getattr(payload, "path", None)))
+    except StudioError as err:
+        raise gr.Error(public(str(err)), print_exception=False) from None
+
+
+def checked_image(**kwargs: Any) -> gr.Image:
+    """A ``gr.Image`` (its own front end) whose uploads go through ``preprocess_upload``. The
+    instance's method is replaced rather than the class subclassed: Gradio writes a ``.pyi``
+    stub beside any module that defines a component class."""
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = preprocess_upload  # type: ignore[method-assign]
+    return image
 
 
 def as_messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -191,7 +216,7 @@ def build(studio: Studio) -> gr.Blocks:
 
         with gr.Tab("Image chat"):
             with gr.Row():
-                image = gr.Image(type="filepath", image_mode=None, label="Image", height=260, sources=["upload", "clipboard"])
+                image = checked_image(image_mode=None, label="Image", height=260, sources=["upload", "clipboard"])
             image_tab = ChatTab(studio, names[:2], image, None, visitor)
             gr.Examples([list(e) for e in example_images(preset)], [image, image_tab.message], elem_id="nf-image-examples", label="Examples: questions about objects that are not there")
 

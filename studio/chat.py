@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fusion.inference import JOIN_SECONDS, ChatModel
 from fusion.registry import BASELINES, METHOD_NAMES
@@ -31,6 +31,7 @@ MAX_TURNS = 50  # chat turns kept per column
 MAX_IMAGE_BYTES = 10 << 20
 MAX_IMAGE_PIXELS = 36_000_000
 MAX_ASPECT = 20  # long side / short side
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # what a chat needs; others are never opened
 
 
 def check_method(name: object) -> str:
@@ -65,10 +66,12 @@ def check_message(message: object) -> str:
     return text
 
 
-def load_image(path: object) -> Image.Image:
-    """An upload as an RGB image, or a StudioError saying why it cannot be one. Size, pixel
-    count and aspect ratio are checked from the header, before any pixel is decoded: a 1×100000
-    strip would otherwise become a huge square when the processor resizes its short side."""
+def check_image_file(path: object) -> Path:
+    """An upload's path once its size, format and shape are checked from the file and its
+    header alone, or a StudioError saying why it cannot be used. No pixel is decoded: an ICO
+    or ICNS may hold a 9000×9000 PNG behind a 16×16 header and is decoded when opened, so only
+    the formats a chat needs are opened at all (``IMAGE_FORMATS``); a 1×100000 strip would
+    become a huge square when the processor resizes its short side."""
     if not path or not isinstance(path, (str, Path)):
         raise StudioError("This tab asks about an image: upload one (or pick an example) first. Text-only questions go to the Text chat tab.")
     path = Path(path)
@@ -76,11 +79,27 @@ def load_image(path: object) -> Image.Image:
         size = path.stat().st_size
         if size > MAX_IMAGE_BYTES:
             raise StudioError(f"The upload is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES >> 20} MB are accepted.")
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             check_image_shape(image.width, image.height)
-            return to_rgb(image)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise StudioError(f"The upload '{path.name[:60]}' is not an image this app can read ({type(err).__name__}).") from None
+        raise StudioError(_unreadable(path, err)) from None
+    return path
+
+
+def load_image(path: object) -> Image.Image:
+    """An upload as an RGB image, decoded once and only after ``check_image_file``, turned
+    the way its EXIF orientation says (a phone photo is stored sideways; the browser shows it
+    upright, and so must the model see it)."""
+    path = check_image_file(path)
+    try:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+        raise StudioError(_unreadable(path, err)) from None
+
+
+def _unreadable(path: Path, err: BaseException) -> str:
+    return f"The upload '{path.name[:60]}' is not an image this app can read ({type(err).__name__}); send a PNG, JPEG, WebP, GIF or BMP."
 
 
 def check_image_shape(width: int, height: int) -> None:

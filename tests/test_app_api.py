@@ -6,6 +6,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,50 @@ def test_a_thin_image_is_refused_quickly_in_little_memory(client: Client, app, t
     seconds, grown = time.perf_counter() - start, peak_rss_gib(app.pid) - before
     print(f"\n1x100000 image: refused in {seconds:.2f} s, peak memory grew {grown * 1024:.0f} MiB")
     assert seconds < 5 and grown < 0.5
+
+
+def test_the_image_input_opens_nothing_and_refuses_data_urls(tmp_path: Path) -> None:
+    """The chat's image input as a hostile client feeds it: a data: URL (which Gradio would
+    decode before any check) and an icon holding a 9000×9000 PNG are refused in one line; a
+    picture passes through as its path, unopened (the handler decodes it once)."""
+    import gradio as gr
+    from gradio.data_classes import ImageData
+    from PIL import Image
+    from test_studio import ico_holding
+
+    import app as app_module
+
+    box = app_module.checked_image()
+    with pytest.raises(gr.Error, match="not as data: URLs"):
+        box.preprocess(ImageData(url="data:image/png;base64,iVBORw0KGgo="))
+    big = BytesIO()
+    Image.new("L", (9000, 9000)).save(big, "PNG")
+    (tmp_path / "bomb.ico").write_bytes(ico_holding(big.getvalue()))
+    with pytest.raises(gr.Error, match="not an image this app can read") as refused:
+        box.preprocess(ImageData(path=str(tmp_path / "bomb.ico"), orig_name="bomb.ico"))
+    assert str(tmp_path) not in str(refused.value)  # no server path
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    assert box.preprocess(ImageData(path=str(tmp_path / "ok.png"), orig_name="ok.png")) == str(tmp_path / "ok.png")
+    assert box.preprocess(None) is None
+
+
+def test_hostile_image_uploads_are_refused_unopened(app, tmp_path: Path) -> None:
+    """Over raw HTTP, as a hostile client sends them to the image chat: an icon holding a
+    9000×9000 RGB PNG (243 MB decoded) and a data: URL, each refused in one line, and the
+    server's peak memory does not move."""
+    import httpx
+    from PIL import Image
+    from test_studio import ico_holding
+
+    big = BytesIO()
+    Image.new("RGB", (9000, 9000)).save(big, "PNG")
+    (tmp_path / "bomb.ico").write_bytes(ico_holding(big.getvalue()))
+    before = peak_rss_gib(app.pid)
+    with open(tmp_path / "bomb.ico", "rb") as f:
+        uploaded = httpx.post(f"{app.url}gradio_api/upload", files={"files": ("bomb.ico", f)}).json()[0]
+    sent = {"bomb.ico": {"path": uploaded, "orig_name": "bomb.ico", "meta": {"_type": "gradio.FileData"}}, "data: URL": {"url": "data:image/png;base64,iVBORw0KGgo=", "meta": {"_type": "gradio.FileData"}}}
+    for name, image in sent.items():
+        done = queue_call(app.url, "respond", ["What is this?", [[], []], None, image], session=f"hostile-{len(name)}")
+        assert not done["success"], name
+        assert re.fullmatch(r"The upload 'bomb\.ico' is not an image this app can read \(\w+\); send a PNG, JPEG, WebP, GIF or BMP\.|Images are accepted as uploaded files, not as data: URLs\.", done["output"]["error"])
+    assert peak_rss_gib(app.pid) - before < 0.1

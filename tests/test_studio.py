@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import struct
 import threading
 import time
 from pathlib import Path
@@ -97,6 +99,40 @@ def test_bad_images(tmp_path: Path) -> None:
     with pytest.raises(StudioError, match="megapixels"):
         chat.load_image(tmp_path / "wide.png")
     assert chat.load_image(ASSETS / "examples" / "cat.jpg").mode == "RGB"
+
+
+def ico_holding(png: bytes, shown: int = 16) -> bytes:
+    """An ICO file whose one entry claims ``shown``×``shown`` pixels and holds ``png``."""
+    header = struct.pack("<HHH", 0, 1, 1)
+    entry = struct.pack("<BBBBHHII", shown, shown, 0, 0, 1, 32, len(png), 6 + 16)
+    return header + entry + png
+
+
+def test_an_icon_holding_a_huge_png_is_never_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow decodes an ICO's PNG entry when it opens the file (a 16×16 header can hold a
+    9000×9000 PNG: 236 KB on disk, 243 MB in memory); only the formats a chat needs are opened."""
+    big = io.BytesIO()
+    Image.new("RGB", (9000, 9000)).save(big, "PNG")
+    (tmp_path / "bomb.ico").write_bytes(ico_holding(big.getvalue()))
+    decoded = []
+    real = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or real(self))
+    for check in (chat.check_image_file, chat.load_image):
+        with pytest.raises(StudioError, match="not an image this app can read.*PNG, JPEG"):
+            check(tmp_path / "bomb.ico")
+    assert decoded == []
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.tiff")
+    with pytest.raises(StudioError, match="not an image this app can read"):
+        chat.load_image(tmp_path / "picture.tiff")
+
+
+def test_a_photo_is_turned_the_way_its_exif_says(tmp_path: Path) -> None:
+    photo = Image.new("RGB", (40, 20), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned 90 degrees
+    photo.save(tmp_path / "phone.jpg", exif=exif)
+    assert chat.load_image(tmp_path / "phone.jpg").size == (20, 40)
+    assert chat.load_image(ASSETS / "examples" / "cat.jpg").size == Image.open(ASSETS / "examples" / "cat.jpg").size
 
 
 # loading
