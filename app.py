@@ -70,7 +70,8 @@ CSS = """
 
 def user_errors(fn: Callable) -> Callable:
     """Show a StudioError/FusionError as a message in the UI (or the API's error) instead of a
-    traceback; works for plain and generator handlers."""
+    traceback, and any other failure as one line that names nothing of the server; works for
+    plain and generator handlers."""
 
     if inspect.isgeneratorfunction(fn):
 
@@ -80,6 +81,10 @@ def user_errors(fn: Callable) -> Callable:
                 yield from fn(*args, **kwargs)
             except (StudioError, FusionError) as err:
                 raise gr.Error(public(str(err)), print_exception=False) from None
+            except gr.Error:
+                raise
+            except Exception as err:
+                raise unexpected(err) from None
 
         return gen
 
@@ -89,8 +94,21 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (StudioError, FusionError) as err:
             raise gr.Error(public(str(err)), print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as err:
+            raise unexpected(err) from None
 
     return plain
+
+
+def unexpected(err: Exception) -> gr.Error:
+    """A failure the project has no words for: the details (which may name server paths or
+    library internals) go to the server log, the visitor gets one line. With
+    ``launch(show_error=False)`` Gradio likewise hides the text of errors raised before a
+    handler runs (an input it cannot preprocess)."""
+    print(f"[studio] unexpected error: {type(err).__name__}: {err}", flush=True)
+    return gr.Error("The server could not do this; the problem is in its log. Try again, or another input.", print_exception=False)
 
 
 def preprocess_upload(payload: Any) -> str | None:
@@ -367,7 +385,7 @@ def main() -> None:
     demo = build(studio)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch() itself
-    demo.launch(css=CSS, max_file_size="10mb", allowed_paths=[str(ASSETS / "examples")], show_error=True)
+    demo.launch(css=CSS, max_file_size="10mb", allowed_paths=[str(ASSETS / "examples")], show_error=False)
 
 
 if __name__ == "__main__":

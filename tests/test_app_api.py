@@ -180,3 +180,27 @@ def test_hostile_image_uploads_are_refused_unopened(app, tmp_path: Path) -> None
         assert not done["success"], name
         assert re.fullmatch(r"The upload 'bomb\.ico' is not an image this app can read \(\w+\); send a PNG, JPEG, WebP, GIF or BMP\.|Images are accepted as uploaded files, not as data: URLs\.", done["output"]["error"])
     assert peak_rss_gib(app.pid) - before < 0.1
+
+
+def test_no_server_path_or_internal_message_reaches_a_visitor(app, tmp_path: Path) -> None:
+    """A truncated JPEG in the image chat (decoded, it fails inside Pillow) and a relative path
+    sent to /compare_image (Gradio refuses it before the handler runs, naming the working
+    directory) each come back as one line that names no server path and no exception text."""
+    import httpx
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "whole.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:300])
+    with open(tmp_path / "truncated.jpg", "rb") as f:
+        uploaded = httpx.post(f"{app.url}gradio_api/upload", files={"files": ("truncated.jpg", f)}).json()[0]
+    image = {"path": uploaded, "orig_name": "truncated.jpg", "meta": {"_type": "gradio.FileData"}}
+    replies = [
+        queue_call(app.url, "respond", ["What is this?", [[], []], None, image], session="paths-a"),
+        queue_call(app.url, "compare_image", [{"path": "README.md", "meta": {"_type": "gradio.FileData"}}, "What is this?"], session="paths-b"),
+    ]
+    root = str(Path(__file__).resolve().parent.parent)
+    for done in replies:
+        assert not done["success"]
+        error = done["output"].get("error") or ""
+        assert "/" not in error.replace("data: URLs", "") and root not in json.dumps(done) and "Traceback" not in json.dumps(done), done
+    assert "truncated.jpg' is not an image this app can read" in replies[0]["output"]["error"]
