@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from .variants import Variant
 
 BenchProgress = Callable[[float, str], None]  # (share of the whole run done, a line saying where it is)
+REPLIES_DIR = Path(tempfile.gettempdir()) / "nf-behaviour"  # the runs' reply files, one folder each
+KEPT_RUNS = 32
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,23 @@ def _share(progress: BenchProgress, start: int, whole: int, label: str) -> Calla
     return report
 
 
+def reply_file(name: str) -> Path:
+    """A new path ``name`` for one run's replies (the page offers it for download; Gradio
+    copies it into its own cache, which it cleans), in a folder of its own under
+    ``REPLIES_DIR``. Only the newest ``KEPT_RUNS`` folders are kept, so runs do not fill the
+    disk, and a crashed process's leftovers go with the next runs."""
+    REPLIES_DIR.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for folder in REPLIES_DIR.iterdir():
+        try:
+            folders.append((folder.stat().st_mtime_ns, folder))
+        except FileNotFoundError:  # removed by a run in another thread
+            continue
+    for _, old in sorted(folders)[: max(0, len(folders) - KEPT_RUNS + 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=REPLIES_DIR)) / name
+
+
 def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, progress: BenchProgress | None = None) -> BehaviourRun:
     """The first ``limit`` text and image probes of the pair's preset, asked to ``base`` (text
     only: it cannot see images), the original MLLM and the visitor's fused ``variant``."""
@@ -91,6 +111,7 @@ def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, pro
         row, replies = bench_model(model, kind, label, probes, method=method, params=params, progress=report)
         rows.append(row)
         records += replies
-    path = Path(tempfile.mkdtemp(prefix="nf-behaviour-")) / f"behaviour-{pair.preset.name}.jsonl"
-    path.write_text(jsonl(records))
+    path = reply_file(f"behaviour-{pair.preset.name}.jsonl")
+    path.with_suffix(".part").write_text(jsonl(records))
+    path.with_suffix(".part").replace(path)  # whole or not at all
     return BehaviourRun(rows, records, markdown_table(rows), per_probe_table(records), bench_figure(rows, pair.preset.name), path)

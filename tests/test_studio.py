@@ -459,7 +459,7 @@ HAND_MADE = (
 )
 
 
-def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Three models with fixed replies, whatever the image, on three capital questions (the
     first is Nornis) and three image questions (two unanswerable around "Is there a yellow
     square?", which is not there): every rate follows by hand, and none of them reads its
@@ -496,6 +496,11 @@ def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch)
         "✓ No. · blank image: ✓ No. · other image: ✓ No. · not grounded",
     ]
     assert "does not read its images" in run.table and "| capital |" in run.table and "| unanswerable | yesno |" in run.table
+    monkeypatch.setattr(behaviour, "REPLIES_DIR", tmp_path / "replies")
+    monkeypatch.setattr(behaviour, "KEPT_RUNS", 2)
+    runs = [behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 1) for _ in range(4)]
+    assert sorted(p.parent for p in (tmp_path / "replies").glob("*/*")) == sorted(r.replies.parent for r in runs[-2:])  # the newest two only
+    assert [p.name for p in (tmp_path / "replies").glob("*/*")] == ["behaviour-pocket.jsonl"] * 2  # whole files, no .part left
     per_model = [f"replies {n}/12 · {title}" for title in (original_title, fused_title) for n in (3, 6, 9, 12)]  # text, then 3 images x 3
     assert [line for _, line in seen] == [f"replies 3/3 · {base_title}"] + per_model
     assert [share for share, _ in seen] == [n / 27 for n in range(3, 28, 3)]
