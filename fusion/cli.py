@@ -17,8 +17,11 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from .errors import FusionError
@@ -221,19 +224,54 @@ def _show_notices() -> None:
         logger.setLevel(logging.INFO)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a timeout, ``docker stop``, systemd, a closed terminal), raised in the
+    main thread like Ctrl-C, so that every clean-up that runs for Ctrl-C (a half-written output
+    removed, a lock released) runs for them too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def terminations_interrupt() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise ``Terminated`` (signal handlers can only be set
+    from the main thread; elsewhere, as when a program calls ``main`` from a thread, nothing
+    changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated(signum)
+
+    wanted = [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, interrupt) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "neuron-fusion") -> int:
     """The command line; returns the exit status (the ``neuron-fusion`` script exits with it)."""
     args = build_parser(prog).parse_args(argv)
     _show_notices()
     commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:
-        return commands[args.command](args)
+        with terminations_interrupt():
+            return commands[args.command](args)
     except FusionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # a file the user named (--json, --plot) that cannot be written
         print(f"error: {os_error_line(err)}", file=sys.stderr)
         return 2
+    except Terminated as stop:
+        print(f"terminated ({signal.Signals(stop.signum).name}); nothing was left behind", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted; nothing was left behind", file=sys.stderr)
         return 130

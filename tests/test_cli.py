@@ -236,3 +236,35 @@ def test_inspect_json_is_strict_and_a_bad_path_is_one_line(pair, tmp_path, monke
     assert set(report["kinds"][0]["quantiles"].values()) == {None}
     bad = cli(*inspect, str(tmp_path / "no" / "r.json"))
     assert bad.returncode == 2 and bad.stderr == f"error: {tmp_path / 'no' / 'r.json'}: No such file or directory\n"
+
+
+TERMINATED_MID_MERGE = """
+import os, signal, sys
+import fusion.writer
+
+real = fusion.writer.ShardedWriter.write
+
+def write(self, name, tensor):  # the first tensor is being written: the process is told to stop
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real(self, name, tensor)
+
+fusion.writer.ShardedWriter.write = write
+from fusion.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGHUP", 129), ("SIGINT", 130)])
+def test_a_merge_told_to_stop_leaves_nothing_behind(pair, tmp_path, name, status):
+    """SIGTERM (a timeout, docker stop, systemd) and SIGHUP (a closed terminal) mid-merge are
+    treated as Ctrl-C is: no half-written output, no staging folder, no lock; one line says so."""
+    out = tmp_path / "parent" / "fused"
+    out.parent.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-c", TERMINATED_MID_MERGE, name, "merge", "--tuned", str(pair.tuned), "--base", str(pair.base), "--method", "ties", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert run.returncode == status, run.stderr
+    said = "interrupted" if name == "SIGINT" else f"terminated ({name})"
+    assert run.stderr.splitlines()[-1] == f"{said}; nothing was left behind"
+    assert list(out.parent.iterdir()) == []
