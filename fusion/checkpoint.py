@@ -42,6 +42,32 @@ SIDECAR_PATTERNS = (
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+# A config or shard index is small (llava-1.5-13b's index: 70 KB); a bigger one is not one,
+# and reading it would cost memory many times its size.
+MAX_JSON_BYTES = 16 << 20
+
+
+def _json_type(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
+
+
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """``path`` as a JSON object, or a FusionError naming the file and what is wrong: too large,
+    not JSON, nested too deeply to parse, or JSON that is not an object (``[]``, ``null``)."""
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise FusionError(f"{path}: {size / 2**20:.0f} MB is too large for a {what} (at most {MAX_JSON_BYTES >> 20} MB)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FusionError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise FusionError(f"{path}: nested too deeply to be a {what}") from None
+    if not isinstance(data, dict):
+        raise FusionError(f"{path}: a {what} must be a JSON object, not {_json_type(data)}")
+    return data
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -110,6 +136,8 @@ class Checkpoint:
         for name, file in (listed or {}).items():
             if name not in self._index or self._index[name].file != file:
                 raise FusionError(f"{file}: the shard index lists tensor '{name}' in this file, but the file does not hold it")
+        if not self._index:
+            raise FusionError(f"{self.ref}: its weight files ({', '.join(f.name for f in files)}) hold no tensors")
 
     def _weight_files(self) -> tuple[list[Path], dict[str, Path] | None]:
         """The weight files to read and, from an index, where it says each tensor is."""
@@ -119,11 +147,10 @@ class Checkpoint:
                 continue
             if not is_index:
                 return [path], None
-            try:
-                weight_map = json.loads(path.read_text())["weight_map"]
-                listed = {tensor: self.directory / file for tensor, file in weight_map.items()}
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise FusionError(f"{path}: not a readable shard index ({type(err).__name__}: {err})") from None
+            weight_map = read_json_object(path, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise FusionError(f"{path}: not a readable shard index (its 'weight_map' must map tensor names to file names)")
+            listed = {tensor: self.directory / file for tensor, file in weight_map.items()}
             files = sorted(set(listed.values()))
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -137,10 +164,10 @@ class Checkpoint:
         path = self.directory / "config.json"
         if not path.is_file():
             raise FusionError(f"{self.directory}: no config.json (is this a model directory?)")
-        try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise FusionError(f"{path}: not valid JSON ({err})") from None
+        config = read_json_object(path, "model config")
+        if not isinstance(config.get("text_config", {}), dict):
+            raise FusionError(f"{path}: 'text_config' must be a JSON object, not {_json_type(config['text_config'])}")
+        return config
 
     def _add(self, name: str, info: TensorInfo) -> None:
         if name in self._index:

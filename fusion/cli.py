@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -137,9 +138,22 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_plot_file(path: str) -> None:
+    """A ``--plot`` file name matplotlib can write, checked before the minutes of work that
+    come before the plot."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    if suffix not in formats:
+        raise FusionError(f"--plot {path}: the name must end in one of {', '.join('.' + f for f in sorted(formats))} (the format is taken from it)")
+
+
 def run_inspect(args: argparse.Namespace) -> int:
     from .merge import inspect_pair
 
+    if args.plot:
+        check_plot_file(args.plot)
     report = inspect_pair(
         args.tuned, args.base, resolve("neuron_fusion", parse_sets(args.sets)), allow_pickle=args.allow_pickle, allow_nonfinite=args.allow_nonfinite
     )

@@ -105,6 +105,16 @@ def check_compatible(tuned: Checkpoint, base: Checkpoint) -> Family:
     return family
 
 
+MERGEABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def max_extra_rows(base_rows: int) -> int:
+    """How many vocabulary rows a tuned model may add to its base's: LLaVA adds ``<image>`` and
+    pads to a multiple of 64 (32000 -> 32064), others add a few special tokens. Many more
+    is not "extra vocabulary" but another model."""
+    return max(1024, base_rows // 10)
+
+
 def plan_merge(tuned: Checkpoint, base: Checkpoint) -> list[Planned]:
     """Every output tensor, in output order, with where it comes from. Raises FusionError for a
     language-model tensor missing from the base or with a shape that cannot be reconciled."""
@@ -116,18 +126,27 @@ def plan_merge(tuned: Checkpoint, base: Checkpoint) -> list[Planned]:
     for name in sorted(tuned.keys()):
         info = tuned.info(name)
         mapped = layout.base_key(name)
-        if mapped is None or not info.dtype.is_floating_point:
+        if mapped is None:
             plan.append(Planned(name, None, info.shape, info.dtype))
             continue
         if mapped not in base and mapped == head and tied:
             mapped = embedding
         if mapped not in base:
             raise FusionError(f"language-model tensor '{name}' has no counterpart '{mapped}' in the base model {base.ref}")
+        for model, key, dtype in ((tuned, name, info.dtype), (base, mapped, base.info(mapped).dtype)):
+            if dtype not in MERGEABLE_DTYPES:
+                raise FusionError(
+                    f"language-model tensor '{key}' of {model.ref} is {str(dtype).removeprefix('torch.')}; merging needs float32, "
+                    "float16 or bfloat16 weights (a quantized or integer checkpoint cannot be merged: use its full-precision one)"
+                )
         base_shape = base.info(mapped).shape
         rows = None
         if base_shape != info.shape:
             extra_vocab = (
-                mapped in family.vocab_tensors and len(info.shape) == 2 and info.shape[1:] == base_shape[1:] and info.shape[0] > base_shape[0]
+                mapped in family.vocab_tensors
+                and len(info.shape) == 2
+                and info.shape[1:] == base_shape[1:]
+                and base_shape[0] < info.shape[0] <= base_shape[0] + max_extra_rows(base_shape[0])
             )
             if not extra_vocab:
                 raise FusionError(

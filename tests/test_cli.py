@@ -268,3 +268,68 @@ def test_a_merge_told_to_stop_leaves_nothing_behind(pair, tmp_path, name, status
     said = "interrupted" if name == "SIGINT" else f"terminated ({name})"
     assert run.stderr.splitlines()[-1] == f"{said}; nothing was left behind"
     assert list(out.parent.iterdir()) == []
+
+
+def _rewritten(pair, tmp_path, edit=None, config=None) -> Path:
+    """A copy of the pair's tuned model with its tensors (all in one file) passed through
+    ``edit`` and/or its config.json replaced by the text ``config``."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = tmp_path / "hostile"
+    shutil.copytree(pair.tuned, out)
+    if edit is not None:
+        tensors = {}
+        for shard in sorted(out.glob("model-*.safetensors")):
+            tensors.update(load_file(shard))
+            shard.unlink()
+        (out / "model.safetensors.index.json").unlink()
+        save_file(edit(tensors), out / "model.safetensors")
+    if config is not None:
+        (out / "config.json").write_text(config)
+    return out
+
+
+LM_WEIGHT = "language_model.model.layers.0.mlp.up_proj.weight"
+EMBED = "language_model.model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("edit, config, fragment", [
+    (None, "[]", "config.json: a model config must be a JSON object, not a list"),
+    (None, "null", "config.json: a model config must be a JSON object, not null"),
+    (None, '"llava"', "config.json: a model config must be a JSON object, not a string"),
+    (None, '{"model_type": "llava", "text_config": "llama"}', "'text_config' must be a JSON object, not a string"),
+    (None, "[" * 200_000 + "]" * 200_000, "config.json: nested too deeply to be a model config"),
+    (lambda t: {}, None, "hold no tensors"),
+    (lambda t: {**t, LM_WEIGHT: t[LM_WEIGHT].to(torch.float8_e4m3fn)}, None, f"'{LM_WEIGHT}' of"),
+    (lambda t: {**t, LM_WEIGHT: t[LM_WEIGHT].to(torch.int32)}, None, "is int32; merging needs float32, float16 or bfloat16"),
+    (lambda t: {**t, LM_WEIGHT: t[LM_WEIGHT] > 0}, None, "is bool; merging needs float32"),
+    (lambda t: {**t, EMBED: t[EMBED].repeat(50, 1)}, None, f"cannot reconcile the shape of '{EMBED}'"),
+])
+def test_a_hostile_checkpoint_gets_one_error_line(pair, tmp_path, cli, edit, config, fragment):
+    """Configs that are not objects or nest too deeply, a checkpoint without tensors, language-
+    model weights stored as float8, integers or booleans, and 50 times the base's vocabulary
+    rows: each one error line and exit 2, never a traceback, never a merge that copies them."""
+    tuned = _rewritten(pair, tmp_path, edit, config)
+    run = cli("merge", "--tuned", str(tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / "out"), "--quiet")
+    assert_one_error_line(run, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_oversized_shard_index_is_refused_unread(pair, tmp_path, cli):
+    tuned = _rewritten(pair, tmp_path)
+    index = tuned / "model.safetensors.index.json"
+    with open(index, "a") as f:
+        f.write(" " * (17 << 20))  # still valid JSON, but no index is this big
+    run = cli("merge", "--tuned", str(tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / "out"), "--quiet")
+    assert_one_error_line(run, "MB is too large for a shard index (at most 16 MB)")
+
+
+def test_inspect_checks_its_plot_name_before_any_work(pair, tmp_path, cli, monkeypatch):
+    import fusion.merge
+
+    monkeypatch.setattr(fusion.merge, "inspect_pair", lambda *a, **k: pytest.fail("the pair was inspected before the plot name was checked"))
+    run = cli("inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--plot", str(tmp_path / "curve.txt"))
+    assert_one_error_line(run, "curve.txt: the name must end in one of")
+    assert ".png" in run.stderr and not (tmp_path / "curve.txt").exists()
