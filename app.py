@@ -327,13 +327,14 @@ def build(studio: Studio) -> gr.Blocks:
 
         @gpu
         @user_errors
-        def refuse(name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
+        def refuse(request: gr.Request, name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
             """This visitor's own fused variant; everyone else keeps theirs (values are checked by
             the library: a name from the list, finite numbers in range, choices from their lists)."""
             by_name = dict(zip((p.name for p in params), values))
             name = check_method(name)
             wanted = method_params(name, check_inner(by_name.get("inner")))
-            variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)))
+            report = lambda p: progress(p.fraction, desc=format_progress(p))  # noqa: E731
+            variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, report, owner=request.session_hash or "")
             default = variant is studio.ready().default
             note = "This is the default fused model." if default else f"Fused with **{name}** in memory in {variant.seconds:.1f} s; your fused columns now use it."
             return [*variant_view(variant), note, *(gr.Chatbot(label=titles(studio.ready().preset, name)[1]) for _ in fused_chats), None if default else variant.key]

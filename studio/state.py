@@ -188,10 +188,11 @@ class Studio:
 
     # visitors' variants
 
-    def fuse_variant(self, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None] | None = None) -> Variant:
+    def fuse_variant(self, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None] | None = None, owner: str = "") -> Variant:
         """The fused variant for ``method`` and ``params`` (raw values from a client, checked
-        here): the default, one already in the store, or a new one built in memory. Nobody
-        else's variant changes."""
+        here): the default, one already in the store, or a new one built in memory. It becomes
+        ``owner``'s (the visitor's session) and their earlier one is released; nobody else's
+        variant changes."""
         pair = self.ready()
         method = check_method(method)
         try:
@@ -200,11 +201,12 @@ class Studio:
         except FusionError as err:
             raise StudioError(str(err)) from None
         if stream.key == pair.default.key:
+            self.store.release(owner)
             return pair.default
         with self.store.building:  # one build at a time, whoever asks
             if (known := self.store.get(stream.key)) is not None:
-                return known
-            self.store.make_room(pair.default.nbytes)
+                return self.store.claim(known, owner)
+            self.store.make_room(pair.default.nbytes, owner)
             console = ConsoleProgress(self.log)  # the console only: the page's status line is everyone's
 
             def report(p: Progress) -> None:
@@ -213,7 +215,7 @@ class Studio:
                     progress(p)
 
             variant = build_variant(pair.original, stream, fused_title(pair.preset, method), method, report)
-            self.store.put(variant)
+            self.store.put(variant, owner)
         self.log(f"[studio] variant {method} built in {variant.seconds:.1f} s; store: {len(self.store)} variants, {self.store.nbytes / 2**20:.0f} MiB")
         return variant
 

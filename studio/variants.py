@@ -3,9 +3,9 @@
 A Space is one process that strangers share: one visitor's Fuse must not change what another
 sees, and no visitor may grow the server's memory without bound. So a variant is built for the
 visitor who asked (and shared with anyone who asks for the same recipe), kept in a store bounded
-by count and by bytes, and evicted least-recently-used when room is needed; a variant that is
-answering a question at that moment is never evicted, and when nothing can make room the visitor
-is told the server is busy.
+by count and by bytes. Each visitor owns one variant at a time; room is made from variants nobody
+owns any more and from those of visitors gone for a while, never from one that is answering, and
+when nothing can make room the visitor is told so.
 
 Variants are built **in memory**: a copy of the loaded original model's language model (the
 vision tower and projector are shared, not copied) receives the merged tensors as the library
@@ -48,6 +48,8 @@ class Variant:
     seconds: float
     nbytes: int
     users: int = field(default=0, compare=False)
+    owners: set[str] = field(default_factory=set, compare=False)  # the visitors (sessions) whose fused model it is now
+    last_used: float = field(default_factory=time.monotonic, compare=False)
 
 
 def language_model_bytes(model: torch.nn.Module) -> int:
@@ -101,11 +103,15 @@ def build_variant(original: ChatModel, stream: MergeStream, title: str, name: st
 
 
 class VariantStore:
-    """Variants by recipe key: least recently used first out, within ``max_count`` variants and
-    ``max_bytes`` bytes. One variant is built at a time (``building``)."""
+    """Variants by recipe key, within ``max_count`` variants and ``max_bytes`` bytes. Each
+    visitor owns one at a time (the one their fused columns use): fusing again releases their
+    previous one, so one visitor's many Fuse clicks replace their own variant, not everyone
+    else's. Room is made from variants that nobody owns, then from the least recently used of
+    those idle for ``idle_seconds`` (a visitor who left); one that is answering is never evicted.
+    One variant is built at a time (``building``)."""
 
-    def __init__(self, max_count: int, max_bytes: int) -> None:
-        self.max_count, self.max_bytes = max_count, max_bytes
+    def __init__(self, max_count: int, max_bytes: int, idle_seconds: float = 900.0) -> None:
+        self.max_count, self.max_bytes, self.idle_seconds = max_count, max_bytes, idle_seconds
         self._variants: OrderedDict[str, Variant] = OrderedDict()
         self._lock = threading.Lock()
         self.building = threading.Lock()
@@ -122,33 +128,59 @@ class VariantStore:
             variant = self._variants.get(key)
             if variant is not None:
                 self._variants.move_to_end(key)
+                variant.last_used = time.monotonic()
             return variant
 
-    def make_room(self, nbytes: int) -> None:
-        """Evict idle variants, oldest use first, until one more of ``nbytes`` fits; StudioError
-        ('busy') when the variants in use leave no room."""
+    def release(self, owner: str) -> None:
+        """``owner`` no longer uses any of the stored variants (they went back to the default)."""
+        with self._lock:
+            for variant in self._variants.values():
+                variant.owners.discard(owner)
+
+    def claim(self, variant: Variant, owner: str) -> Variant:
+        """``variant`` is now ``owner``'s fused model, and none of their earlier ones is."""
+        self.release(owner)
+        with self._lock:
+            variant.owners.add(owner)
+            variant.last_used = time.monotonic()
+        return variant
+
+    def make_room(self, nbytes: int, owner: str) -> None:
+        """Evict until one more variant of ``nbytes`` fits: first the idle ones nobody owns
+        (``owner``'s own earlier one among them), then, oldest use first, the idle ones unused
+        for ``idle_seconds``. StudioError when that leaves no room: every variant belongs to a
+        visitor still using it."""
         if nbytes > self.max_bytes or self.max_count < 1:
             raise StudioError(
                 f"This server has no room for another fused model ({nbytes / 2**20:.0f} MiB; it keeps at most "
                 f"{self.max_bytes / 2**20:.0f} MiB of them). Chat with the default fused model, or run the app yourself."
             )
+        self.release(owner)
         with self._lock:
-            for key in [k for k, v in self._variants.items() if v.users == 0]:
+            stale = time.monotonic() - self.idle_seconds
+            idle = [v for v in self._variants.values() if v.users == 0]
+            order = [v for v in idle if not v.owners] + sorted((v for v in idle if v.owners and v.last_used < stale), key=lambda v: v.last_used)
+            for v in order:
                 if len(self._variants) < self.max_count and self.nbytes + nbytes <= self.max_bytes:
                     break
-                del self._variants[key]
+                del self._variants[v.key]
             if len(self._variants) >= self.max_count or self.nbytes + nbytes > self.max_bytes:
-                raise StudioError("The server is busy: every fused model it can hold is answering someone right now. Try again in a minute.")
+                raise StudioError(
+                    f"The server holds as many fused models as it can ({self.max_count}), each in use by a visitor. "
+                    "Chat with the default fused model, or try again in a few minutes."
+                )
 
-    def put(self, variant: Variant) -> None:
+    def put(self, variant: Variant, owner: str) -> None:
         with self._lock:
             self._variants[variant.key] = variant
+        self.claim(variant, owner)
 
     @contextmanager
     def using(self, variant: Variant) -> Iterator[Variant]:
         """Mark ``variant`` as answering, so that it is not evicted meanwhile."""
         with self._lock:
             variant.users += 1
+            variant.last_used = time.monotonic()
         try:
             yield variant
         finally:

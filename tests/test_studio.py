@@ -26,6 +26,7 @@ from fusion.registry import METHOD_NAMES, schema
 from fusion.report import RATES
 from studio import StudioError, behaviour, chat, state, view
 from studio.settings import Settings, parse_settings
+from studio.variants import Variant, VariantStore
 
 QUESTION = "What sound does a cow make?"
 
@@ -370,24 +371,44 @@ def test_the_store_stays_within_its_bounds(tmp_path: Path) -> None:
         s.variant(keys[0])
 
 
-def test_a_variant_in_use_is_not_evicted_and_a_full_store_says_busy() -> None:
-    from studio.variants import Variant, VariantStore
+def _fake_variant(key: str) -> Variant:
+    return Variant(key, "ties", None, {}, None, [], 0.0, 100)
 
-    def fake(key: str) -> Variant:
-        return Variant(key, "ties", None, {}, None, [], 0.0, 100)
 
-    store = VariantStore(max_count=2, max_bytes=250)
-    a, b = fake("a"), fake("b")
-    store.put(a)
-    store.put(b)
-    with store.using(a), store.using(b):
-        with pytest.raises(StudioError, match="busy"):
-            store.make_room(100)
+def test_a_variant_in_use_is_not_evicted_and_a_full_store_says_busy(monkeypatch: pytest.MonkeyPatch) -> None:
+    store = VariantStore(max_count=2, max_bytes=250, idle_seconds=60)
+    a, b = _fake_variant("a"), _fake_variant("b")
+    store.put(a, "visitor-a")
+    store.put(b, "visitor-b")
+    with pytest.raises(StudioError, match="each in use by a visitor"):
+        store.make_room(100, "visitor-c")  # both owners may still be chatting
+    now = time.monotonic()
+    monkeypatch.setattr(time, "monotonic", lambda: now + 120)  # both idle for two minutes
     store.get("a")  # a was used last: b goes first
-    store.make_room(100)
+    with store.using(a):
+        store.make_room(100, "visitor-c")
     assert store.get("b") is None and store.get("a") is a
+    store.put(_fake_variant("c"), "visitor-c")
+    with store.using(a), pytest.raises(StudioError, match="each in use"):
+        store.make_room(100, "visitor-d")  # a is answering, c was just made: nothing to evict
     with pytest.raises(StudioError, match="no room"):
-        store.make_room(251)
+        store.make_room(251, "visitor-c")
+
+
+def test_one_visitors_many_fuses_replace_their_own_variant_only() -> None:
+    """Visitor A fuses four recipes in a row while B keeps the one they made: each of A's
+    Fuse clicks evicts A's previous variant, never B's."""
+    store = VariantStore(max_count=2, max_bytes=10_000)
+    store.make_room(100, "visitor-b")
+    store.put(_fake_variant("b1"), "visitor-b")
+    for i in range(4):
+        store.make_room(100, "visitor-a")
+        store.put(_fake_variant(f"a{i}"), "visitor-a")
+        assert store.get("b1") is not None and store.get(f"a{i}") is not None and len(store) == 2
+    shared = store.get("b1")
+    store.claim(shared, "visitor-a")  # A picks B's recipe: it is both of theirs, and A's own goes
+    store.make_room(100, "visitor-c")
+    assert store.get("a3") is None and store.get("b1") is shared and shared.owners == {"visitor-a", "visitor-b"}
 
 
 def test_controls_cover_every_method() -> None:
