@@ -30,6 +30,7 @@ from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
 from studio.chat import check_histories, check_image_file, check_inner, check_method  # noqa: E402
+from studio.clients import client_address, refusal  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
@@ -323,7 +324,8 @@ def build(studio: Studio) -> gr.Blocks:
         inner = controls[[p.name for p in params].index("inner")]
         chosen.input(show_method, chosen, controls, queue=False, api_visibility="private")
         inner.input(show_inner, [chosen, inner], controls, queue=False, api_visibility="private")
-        demo.load(loaded, None, [*view_outputs, card, curve, located, chosen, *controls], api_visibility="private")
+        # off the queue: a page must load even while the queue is full
+        demo.load(loaded, None, [*view_outputs, card, curve, located, chosen, *controls], queue=False, api_visibility="private")
 
         @gpu
         @user_errors
@@ -379,12 +381,33 @@ def build(studio: Studio) -> gr.Blocks:
     return demo
 
 
+def bound_clients(demo: gr.Blocks) -> None:
+    """Refuse a request at the door when its session or address already holds its share of the
+    queue (``studio.clients``): Gradio's queue knows only its total size. Wraps the queue's
+    ``push``, the one place every queued request passes before it takes a place."""
+    queue = demo._queue
+    push = queue.push
+
+    def where(request: Any) -> tuple[str, str]:
+        return client_address(getattr(request.client, "host", None), request.headers)
+
+    async def bounded_push(body: Any, request: Any, username: str | None) -> Any:
+        held = [(e.session_hash, where(e.request)) for e in list(queue.event_ids_to_events.values()) if not e.closed]
+        why = refusal(held, body.session_hash or "", where(request))
+        if why is not None:
+            return False, why, "error"
+        return await push(body, request, username)
+
+    queue.push = bounded_push
+
+
 def main() -> None:
     settings = parse_settings()
     studio = Studio(settings, log=lambda line: print(line, flush=True), started=STARTED)
     studio.start()
     demo = build(studio)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
+    bound_clients(demo)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch() itself
     demo.launch(css=CSS, max_file_size="10mb", allowed_paths=[str(ASSETS / "examples")], show_error=False)
 

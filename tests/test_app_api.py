@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
@@ -71,16 +72,19 @@ def test_bad_input_is_explained(client: Client, args: tuple, api: str, says: str
 
 
 def test_concurrent_load(client: Client, app, record_property) -> None:
-    """20 requests at once: each is answered or told the queue is full; the app keeps serving."""
+    """20 requests at once from one session: each is answered, told the queue is full, or
+    refused at the door as over the session's share (``studio.clients``: HTTP 400 from
+    ``queue/join``, whose reason gradio_client does not show); the app keeps serving."""
     start = time.perf_counter()
 
     def ask(i: int) -> tuple[str, float]:
         try:
             check_answers(client.predict(f"{question()} ({i})", api_name="/compare_text"), image=False)
             return "answered", time.perf_counter() - start
-        except Exception as err:  # only a clear "queue is full" is acceptable
-            assert "queue" in str(err).lower() and "full" in str(err).lower(), err
-            return "queue full", time.perf_counter() - start
+        except Exception as err:  # only a clear "queue is full" or the share's refusal is acceptable
+            said = str(err).lower()
+            assert ("queue" in said and "full" in said) or ("400" in said and "queue/join" in said), err
+            return "refused", time.perf_counter() - start
 
     with ThreadPoolExecutor(LOAD_REQUESTS) as pool:
         outcomes = list(pool.map(ask, range(LOAD_REQUESTS)))
@@ -204,3 +208,48 @@ def test_no_server_path_or_internal_message_reaches_a_visitor(app, tmp_path: Pat
         error = done["output"].get("error") or ""
         assert "/" not in error.replace("data: URLs", "") and root not in json.dumps(done) and "Traceback" not in json.dumps(done), done
     assert "truncated.jpg' is not an image this app can read" in replies[0]["output"]["error"]
+
+
+def probe_count_of_pocket() -> int:
+    from studio.behaviour import probe_count
+
+    return probe_count(get_preset("pocket"))
+
+
+def _join(url: str, api_name: str, data: list, session: str) -> tuple[int, dict]:
+    """``POST /gradio_api/queue/join`` as a raw client: the HTTP status and the JSON reply."""
+    import urllib.error
+
+    with urllib.request.urlopen(f"{url}config", timeout=10) as r:
+        dependencies = json.load(r)["dependencies"]
+    fn_index = next(i for i, d in enumerate(dependencies) if d.get("api_name") == api_name)
+    body = json.dumps({"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}).encode()
+    request = urllib.request.Request(f"{url}gradio_api/queue/join", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def test_one_client_cannot_fill_the_queue(tmp_path: Path) -> None:
+    """A client that queues long Behaviour runs gets its session's share (3), then one line
+    per extra request, without taking a place; scripts that invent a session per request stop
+    at the address's share (12); pages still load. (Another address's requests are counted
+    apart: ``test_studio``'s client tests, as loopback has one address.)"""
+    from conftest import running_app
+    from studio.clients import PER_ADDRESS, PER_SESSION
+
+    with running_app(tmp_path, args=["--queue-size", "64", "--concurrency", "1"]) as app:
+        long_run = [probe_count_of_pocket(), None]
+        accepted = [_join(app.url, "bench", long_run, "greedy")[0] for _ in range(PER_SESSION)]
+        status, reply = _join(app.url, "bench", long_run, "greedy")
+        assert accepted == [200] * PER_SESSION and status == 400 and reply["detail"] == f"You already have {PER_SESSION} requests waiting or running; wait for them to finish."
+        for i in range(PER_ADDRESS - PER_SESSION):
+            assert _join(app.url, "bench", long_run, f"script-{i}")[0] == 200
+        status, reply = _join(app.url, "bench", long_run, "script-extra")
+        assert status == 400 and "Your network already has 12 requests" in reply["detail"]
+        with urllib.request.urlopen(app.url, timeout=10) as page:  # a page (and its load event) is not queued
+            assert page.status == 200
+        loads = [d for d in json.loads(urllib.request.urlopen(f"{app.url}config", timeout=10).read())["dependencies"] if d["targets"] and d["targets"][0][1] == "load"]
+        assert loads and all(d["queue"] is False for d in loads)

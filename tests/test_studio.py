@@ -24,7 +24,7 @@ from fusion.presets import ASSETS, get_preset
 from fusion.probes import Probe
 from fusion.registry import METHOD_NAMES, schema
 from fusion.report import RATES
-from studio import StudioError, behaviour, chat, state, view
+from studio import StudioError, behaviour, chat, clients, state, view
 from studio.settings import Settings, parse_settings
 from studio.variants import Variant, VariantStore
 
@@ -612,3 +612,15 @@ def test_compare_marks_an_affirmed_absent_object_on_a_bundled_example(studio: st
     result = studio.compare(question, image, image_required=True)
     assert result["original"]["labels"] == ["object_hallucination"] and result["original"]["matches"][0]["text"].startswith("Yes")
     assert "object_hallucination" not in result["fused"]["labels"]
+
+
+def test_each_client_gets_its_share_of_the_queue() -> None:
+    held = [("tab-1", "10.0.0.1")] * clients.PER_SESSION
+    assert f"You already have {clients.PER_SESSION} requests" in clients.refusal(held, "tab-1", "10.0.0.1")
+    assert clients.refusal(held, "tab-2", "10.0.0.1") is None  # another tab of the same network
+    crowd = [(f"s{i}", "10.0.0.1") for i in range(clients.PER_ADDRESS)]
+    assert "Your network already has 12" in clients.refusal(crowd, "new", "10.0.0.1")
+    assert clients.refusal(crowd, "new", "10.0.0.2") is None  # another visitor is not held up
+    spoofed = {"x-forwarded-for": "1.2.3.4, 10.0.0.9"}
+    assert clients.client_address("127.0.0.1", spoofed, {}) == "127.0.0.1"  # not behind the Space's proxy: the header is the client's word
+    assert clients.client_address("10.9.9.9", spoofed, {"SPACE_ID": "me/studio"}) == "1.2.3.4"
