@@ -23,10 +23,11 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from .errors import FusionError
-from .output import json_text, os_error_line, writable_directory
+from .output import json_text, os_error_line, writable_directory, write_whole
 from .registry import ALIASES, METHOD_NAMES, METHODS, resolve, schema
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -172,12 +173,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"{100 * s['located_share_in_layers']:.1f}% of the squared change inside the decoder layers"
     )
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            f.write(json_text(report))
+        write_whole(Path(args.json_out), json_text(report))
     if args.plot:
-        from .plots import curve_figure
+        from .plots import curve_figure, save_figure
 
-        curve_figure(report["kinds"]).savefig(args.plot)
+        save_figure(curve_figure(report["kinds"]), args.plot)
     return 0
 
 
@@ -193,15 +193,17 @@ def run_methods(_: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .evaluate import parse_methods, run_bench, run_sweep
+    from .merge import resolve_device
     from .presets import get_preset
     from .report import markdown_table
 
     if args.limit is not None and args.limit < 1:
         raise FusionError(f"--limit must be at least 1, got {args.limit}: it is how many text and image probes to use")
     preset, methods, out = get_preset(args.preset), parse_methods(args.methods), Path(args.out)
+    if not methods:
+        raise FusionError("--methods names no method; give one or more, comma-separated (e.g. neu-p-taska,ties)")
+    resolve_device(args.device)  # a missing GPU is said now, not after the first models were scored
     writable_directory(out)  # before minutes of scoring that end by writing there
     if args.sweep:
         run_sweep(preset, [m for m, _ in methods], out, device=args.device, seed=args.seed, limit=args.limit)

@@ -27,7 +27,8 @@ from .detectors import detect
 from .errors import FusionError
 from .inference import ChatModel
 from .merge import fuse
-from .plots import bench_figure, tradeoff_figure
+from .output import write_whole
+from .plots import bench_figure, save_figure, tradeoff_figure
 from .presets import Preset
 from .probes import Probe, Probes, is_correct, preset_probes, probe_image
 from .registry import resolve
@@ -218,10 +219,10 @@ def run_bench(
         label = f"fused: {method}" + (f" ({settings})" if settings else "")
         add("fused", ChatModel.load(result.path, multimodal=True, device=device), method, recipe.params, label)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(rows))
-    (out / "replies.jsonl").write_text(jsonl(records))
-    bench_figure(rows, preset.name).savefig(out / "results.png")
+    write_whole(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    write_whole(out / "results.md", markdown_table(rows))
+    write_whole(out / "replies.jsonl", jsonl(records))
+    save_figure(bench_figure(rows, preset.name), out / "results.png")
     return rows
 
 
@@ -257,8 +258,8 @@ def run_sweep(
         where = out / f"sweep-{method}-{knob}"
         for row in run_bench(preset, walked, where, include_base=False, include_tuned=False, device=device, seed=seed, limit=limit, log=log):
             rows.append({**row, "knob": knob, "value": row["params"][knob]})
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
-    tradeoff_figure(rows, preset.name).savefig(out / "sweep.png")
+    write_whole(out / "sweep.json", json.dumps(rows, indent=2) + "\n")
+    save_figure(tradeoff_figure(rows, preset.name), out / "sweep.png")
     return rows
 
 

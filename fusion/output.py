@@ -69,6 +69,19 @@ def json_text(value: Any, *, indent: int | None = None) -> str:
     return json.dumps(finite(value), indent=indent, allow_nan=False)
 
 
+def write_whole(path: Path, data: str | bytes) -> None:
+    """``data`` into ``path`` whole or not at all: written beside it under a hidden name, then
+    renamed over it. A failure (a full disk, a read-only mount) removes the partial file and
+    raises a FusionError that names ``path``, where the system's error would name none."""
+    part = path.with_name(f".{path.name}.partial")
+    try:
+        part.write_bytes(data if isinstance(data, bytes) else data.encode())
+        os.replace(part, path)
+    except OSError as err:
+        part.unlink(missing_ok=True)
+        raise FusionError(os_error_line(err, path)) from None
+
+
 # --- checks before any work -----------------------------------------------------------------
 
 

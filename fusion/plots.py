@@ -7,13 +7,23 @@ the app's Behaviour tab."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
+from .output import write_whole
 from .report import RATES
 
+
+def save_figure(figure: Figure, path: str | Path) -> None:
+    """``figure`` written whole to ``path`` in the format its suffix names (``write_whole``)."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
+    write_whole(path, buffer.getvalue())
 
 def _empty(message: str) -> Figure:
     fig = Figure(figsize=(6, 3.6), dpi=100)

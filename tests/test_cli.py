@@ -333,3 +333,17 @@ def test_inspect_checks_its_plot_name_before_any_work(pair, tmp_path, cli, monke
     run = cli("inspect", "--tuned", str(pair.tuned), "--base", str(pair.base), "--plot", str(tmp_path / "curve.txt"))
     assert_one_error_line(run, "curve.txt: the name must end in one of")
     assert ".png" in run.stderr and not (tmp_path / "curve.txt").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--methods", ""], "--methods names no method"),
+    (["--methods", " , "], "--methods names no method"),
+    pytest.param(["--device", "cuda"], "sees no CUDA GPU", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
+])
+def test_eval_refuses_what_it_cannot_do_before_scoring(tmp_path, monkeypatch, cli, args, fragment):
+    import fusion.evaluate
+
+    monkeypatch.setattr(fusion.evaluate, "run_bench", lambda *a, **k: pytest.fail("models were scored"))
+    run = cli("eval", "--preset", "pocket", *(args if "--methods" in args else ["--methods", "ties", *args]), "--out", str(tmp_path / "results"))
+    assert_one_error_line(run, fragment)
+    assert not (tmp_path / "results").exists()

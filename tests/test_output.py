@@ -6,6 +6,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -108,3 +109,24 @@ def test_a_directory_that_cannot_be_synced_is_taken_at_its_word(tmp_path, monkey
     (tmp_path / "f").write_text("x")
     with pytest.raises(OSError):
         output.sync(tmp_path / "f")  # a file that cannot be synced is an error
+
+
+def test_a_file_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A full disk while writing results.json leaves the previous one as it was, no partial
+    file, and an error that names the file (the system's ENOSPC names none)."""
+    from fusion.errors import FusionError
+    from fusion.output import write_whole
+
+    target = tmp_path / "results.json"
+    write_whole(target, "old")
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[:2])  # a part got written before the disk filled
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(FusionError, match=f"^{re.escape(str(target))}: No space left on device$"):
+        write_whole(target, "new results")
+    monkeypatch.undo()
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
