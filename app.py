@@ -16,12 +16,16 @@ STARTED = time.perf_counter()  # readiness is timed from here, before the heavy 
 import functools  # noqa: E402
 import html  # noqa: E402
 import inspect  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from contextlib import closing  # noqa: E402
+from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gradio as gr  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 from fusion.errors import FusionError  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
@@ -30,7 +34,7 @@ from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
 from studio.chat import check_histories, check_image_file, check_inner, check_method  # noqa: E402
-from studio.clients import client_address, refusal  # noqa: E402
+from studio.clients import UploadLedger, client_address, refusal  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
@@ -358,7 +362,8 @@ def build(studio: Studio) -> gr.Blocks:
             result = studio.bench(n, lambda share, line: progress(share, desc=line), variant=variant)
             return [result.table, result.chart, result.probes, str(result.replies)]
 
-        run.click(bench, [limit, visitor], [table, chart, per_probe, replies], concurrency_id="models", api_visibility="private")
+        # one Behaviour run at a time, in a slot of its own: long runs never hold the chats' model slots
+        run.click(bench, [limit, visitor], [table, chart, per_probe, replies], concurrency_limit=1, concurrency_id="behaviour", api_visibility="private")
 
         @user_errors
         def compare_text(message: str) -> dict:
@@ -401,6 +406,26 @@ def bound_clients(demo: gr.Blocks) -> None:
     queue.push = bounded_push
 
 
+class UploadBound:
+    """ASGI middleware: a POST to Gradio's upload route is admitted by ``UploadLedger`` (bytes
+    per address and in total) before its body is read; a refusal is one line, HTTP 413."""
+
+    def __init__(self, app: Any, ledger: UploadLedger) -> None:
+        self.app, self.ledger = app, ledger
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/upload"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            length = headers.get("content-length", "")
+            peer = scope["client"][0] if scope.get("client") else None
+            why = self.ledger.admit(client_address(peer, headers), int(length) if length.isdigit() else None)
+            if why is not None:
+                await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
+                await send({"type": "http.response.body", "body": why.encode()})
+                return
+        await self.app(scope, receive, send)
+
+
 def main() -> None:
     settings = parse_settings()
     studio = Studio(settings, log=lambda line: print(line, flush=True), started=STARTED)
@@ -409,7 +434,14 @@ def main() -> None:
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     bound_clients(demo)
     # GRADIO_SERVER_NAME / GRADIO_SERVER_PORT are read by launch() itself
-    demo.launch(css=CSS, max_file_size="10mb", allowed_paths=[str(ASSETS / "examples")], show_error=False)
+    uploads = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    demo.launch(
+        css=CSS,
+        max_file_size="10mb",
+        allowed_paths=[str(ASSETS / "examples")],
+        show_error=False,
+        app_kwargs={"middleware": [Middleware(UploadBound, ledger=UploadLedger(uploads))]},
+    )
 
 
 if __name__ == "__main__":

@@ -5,13 +5,17 @@ forty Behaviour runs from forty sessions fills the queue, and every other visito
 full". So each request is counted against its session and its network address while it waits
 or runs, and one over either bound is refused at once, in words, without taking a place in the
 queue. The address bound is the one a script cannot dodge by inventing sessions; it is higher
-than the session bound because a class behind one school router shares an address.
+than the session bound because a class behind one school router shares an address. Uploads are
+bounded the same way, in bytes per address and in total.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 
 PER_SESSION = 3  # requests one browser tab may have waiting or running: a chat, a Fuse and a Behaviour run
 PER_ADDRESS = 12  # and one network address, over all its sessions
@@ -36,3 +40,46 @@ def refusal(held: Iterable[tuple[str, str]], session: str, address: str) -> str 
     if sum(a == address for _, a in held) >= PER_ADDRESS:
         return f"Your network already has {PER_ADDRESS} requests waiting or running on this server; try again when some have finished."
     return None
+
+
+UPLOAD_WINDOW_SECONDS = 3600.0  # Gradio keeps an upload for up to two hours (delete_cache)
+UPLOAD_BYTES_PER_ADDRESS = 100 << 20  # per address and window: ten full-size images
+UPLOAD_BYTES_TOTAL = 2 << 30  # what the uploads folder may hold, all visitors together
+
+
+class UploadLedger:
+    """Bytes uploaded per address in the last ``UPLOAD_WINDOW_SECONDS``, and the bytes the
+    uploads folder holds: an upload that would pass either bound is refused before its body is
+    read, so that one client cannot fill the disk that every visitor's uploads share."""
+
+    def __init__(self, folder: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.folder, self.clock = folder, clock
+        self._sent: dict[str, list[tuple[float, int]]] = {}
+        self._lock = threading.Lock()
+
+    def held(self) -> int:
+        """Bytes in the uploads folder now."""
+        total = 0
+        for root, _, files in os.walk(self.folder):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size
+                except FileNotFoundError:  # cleaned meanwhile
+                    continue
+        return total
+
+    def admit(self, address: str, nbytes: int | None) -> str | None:
+        """Why an upload of ``nbytes`` (its Content-Length; None when the client sent none) from
+        ``address`` is refused, or None after counting it."""
+        if nbytes is None:
+            return "Uploads must say their size (Content-Length)."
+        with self._lock:
+            now = self.clock()
+            sent = [(t, n) for t, n in self._sent.get(address, []) if now - t < UPLOAD_WINDOW_SECONDS]
+            if sum(n for _, n in sent) + nbytes > UPLOAD_BYTES_PER_ADDRESS:
+                self._sent[address] = sent
+                return f"You have uploaded {UPLOAD_BYTES_PER_ADDRESS >> 20} MB in the last hour, this server's share per visitor; try again later."
+            if self.held() + nbytes > UPLOAD_BYTES_TOTAL:
+                return "The server's space for uploads is full right now; try again in a while."
+            self._sent[address] = [*sent, (now, nbytes)]
+            return None

@@ -235,7 +235,8 @@ def _join(url: str, api_name: str, data: list, session: str) -> tuple[int, dict]
 def test_one_client_cannot_fill_the_queue(tmp_path: Path) -> None:
     """A client that queues long Behaviour runs gets its session's share (3), then one line
     per extra request, without taking a place; scripts that invent a session per request stop
-    at the address's share (12); pages still load. (Another address's requests are counted
+    at the address's share (12); pages still load, and a question is answered while the
+    Behaviour runs are queued (they have a slot of their own). (Another address's requests are counted
     apart: ``test_studio``'s client tests, as loopback has one address.)"""
     from conftest import running_app
     from studio.clients import PER_ADDRESS, PER_SESSION
@@ -245,6 +246,9 @@ def test_one_client_cannot_fill_the_queue(tmp_path: Path) -> None:
         accepted = [_join(app.url, "bench", long_run, "greedy")[0] for _ in range(PER_SESSION)]
         status, reply = _join(app.url, "bench", long_run, "greedy")
         assert accepted == [200] * PER_SESSION and status == 400 and reply["detail"] == f"You already have {PER_SESSION} requests waiting or running; wait for them to finish."
+        start = time.perf_counter()  # the Behaviour runs have a slot of their own: a question is answered meanwhile
+        assert queue_call(app.url, "compare_text", [question()], session="another-tab", timeout=60)["success"]
+        print(f"a question answered in {time.perf_counter() - start:.1f} s behind {PER_SESSION} full Behaviour runs")
         for i in range(PER_ADDRESS - PER_SESSION):
             assert _join(app.url, "bench", long_run, f"script-{i}")[0] == 200
         status, reply = _join(app.url, "bench", long_run, "script-extra")
@@ -253,3 +257,21 @@ def test_one_client_cannot_fill_the_queue(tmp_path: Path) -> None:
             assert page.status == 200
         loads = [d for d in json.loads(urllib.request.urlopen(f"{app.url}config", timeout=10).read())["dependencies"] if d["targets"] and d["targets"][0][1] == "load"]
         assert loads and all(d["queue"] is False for d in loads)
+
+
+def test_an_upload_over_the_share_is_refused_before_its_body_is_read(app) -> None:
+    """A client that announces more than its hourly share (100 MB) gets HTTP 413 and one line
+    at once: the server reads none of the body (none is sent here)."""
+    import http.client
+    from urllib.parse import urlparse
+
+    from studio.clients import UPLOAD_BYTES_PER_ADDRESS
+
+    where = urlparse(app.url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=10)
+    connection.putrequest("POST", "/gradio_api/upload")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=x")
+    connection.putheader("Content-Length", str(UPLOAD_BYTES_PER_ADDRESS + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413 and response.read().decode() == "You have uploaded 100 MB in the last hour, this server's share per visitor; try again later."

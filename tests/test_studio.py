@@ -624,3 +624,19 @@ def test_each_client_gets_its_share_of_the_queue() -> None:
     spoofed = {"x-forwarded-for": "1.2.3.4, 10.0.0.9"}
     assert clients.client_address("127.0.0.1", spoofed, {}) == "127.0.0.1"  # not behind the Space's proxy: the header is the client's word
     assert clients.client_address("10.9.9.9", spoofed, {"SPACE_ID": "me/studio"}) == "1.2.3.4"
+
+
+def test_uploads_are_bounded_per_address_and_in_total(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    ledger = clients.UploadLedger(tmp_path, clock=lambda: now[0])
+    ten = 10 << 20
+    assert all(ledger.admit("10.0.0.1", ten) is None for _ in range(10))  # ten full-size images in an hour
+    assert "100 MB in the last hour" in ledger.admit("10.0.0.1", ten)
+    assert ledger.admit("10.0.0.2", ten) is None  # another visitor's share is their own
+    now[0] = clients.UPLOAD_WINDOW_SECONDS + 1
+    assert ledger.admit("10.0.0.1", ten) is None  # an hour later the share is back
+    assert "Content-Length" in ledger.admit("10.0.0.3", None)
+    (tmp_path / "kept.bin").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(clients, "UPLOAD_BYTES_TOTAL", 1500)
+    assert "space for uploads is full" in ledger.admit("10.0.0.4", 600)
+    assert ledger.admit("10.0.0.4", 400) is None
