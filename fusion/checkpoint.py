@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,9 +190,13 @@ class Checkpoint:
     def _open_pickle(self, file: Path) -> None:
         try:
             tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as err:  # torch raises many types for a bad archive, or for code in it
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise FusionError(f"{file}: not a readable PyTorch weights file (tensors and plain types only): {first[:200]}") from None
+        except pickle.UnpicklingError:  # weights_only met something that is not a tensor or plain type
+            raise FusionError(
+                f"{file}: refused: it holds objects other than tensors and plain types, which would run code when loaded; "
+                "convert the checkpoint to safetensors, or load it yourself if you trust where it came from"
+            ) from None
+        except Exception as err:  # torch raises many types for a damaged archive; its words name internals
+            raise FusionError(f"{file}: not a readable PyTorch weights file (corrupt or truncated?; {type(err).__name__})") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
             raise FusionError(f"{file}: not a PyTorch state dict (expected a mapping of tensor names to tensors)")
         for name, tensor in tensors.items():

@@ -292,8 +292,9 @@ class _RunsCode:
 def test_error_pickle_that_runs_code_is_refused(fresh, tmp_path, capsys):
     pickled = pickled_base(fresh, tmp_path)
     torch.save({"model.embed_tokens.weight": _RunsCode()}, pickled / "pytorch_model.bin")
-    expect_error(tmp_path, fresh.tuned, pickled, "pytorch_model.bin")
+    message = expect_error(tmp_path, fresh.tuned, pickled, "pytorch_model.bin")
     assert "this ran while loading" not in capsys.readouterr().out
+    assert message.endswith("refused: it holds objects other than tensors and plain types, which would run code when loaded; convert the checkpoint to safetensors, or load it yourself if you trust where it came from")
 
 
 def test_error_shard_listed_in_the_index_is_missing(fresh, tmp_path):
