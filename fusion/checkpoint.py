@@ -231,8 +231,22 @@ class Checkpoint:
         return self.config.get("text_config") or self.config
 
     def sidecar_files(self) -> Iterator[Path]:
+        """The sidecar files there are, each checked: a symbolic link must lead to a file inside
+        the model (for a hub cache snapshot, inside the repo's cache folder, where its blobs
+        are); one that leads outside would copy a stranger's file into the output, and one that
+        leads nowhere (a loop) would silently drop a file the output needs."""
+        root = self.directory.resolve()
+        if root.parent.name == "snapshots":  # .../models--org--name/snapshots/<revision>
+            root = root.parents[1]
         for pattern in SIDECAR_PATTERNS:
             path = self.directory / pattern
+            if path.is_symlink():
+                try:
+                    target = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    raise FusionError(f"{path}: a symbolic link that leads nowhere (a loop, or its target is missing)") from None
+                if not target.is_relative_to(root):
+                    raise FusionError(f"{path}: a symbolic link to {target}, outside the model; copy the file in instead")
             if path.is_file():
                 yield path
 

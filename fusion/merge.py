@@ -120,6 +120,13 @@ def plan_merge(tuned: Checkpoint, base: Checkpoint) -> list[Planned]:
     language-model tensor missing from the base or with a shape that cannot be reconciled."""
     family = check_compatible(tuned, base)
     layout = detect_layout(tuned.keys())
+    if layout.name == "llm" and "vision_config" in tuned.config:
+        # A multimodal model whose weights hold none of its language model: only the plain-LLM
+        # layout matches, and it would call the projector a language-model tensor.
+        raise FusionError(
+            f"{tuned.ref}: a multimodal model (its config has a vision_config) whose weights hold no language-model tensors "
+            f"({len(tuned.keys())} tensors, e.g. '{sorted(tuned.keys())[0]}'); merging needs its language model too"
+        )
     head, embedding = family.tied_head
     tied = bool(base.text_config().get("tie_word_embeddings", False))
     plan = []

@@ -347,3 +347,24 @@ def test_eval_refuses_what_it_cannot_do_before_scoring(tmp_path, monkeypatch, cl
     run = cli("eval", "--preset", "pocket", *(args if "--methods" in args else ["--methods", "ties", *args]), "--out", str(tmp_path / "results"))
     assert_one_error_line(run, fragment)
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("link, fragment", [
+    (lambda tmp: tmp / "secret.json", "a symbolic link to"),  # a file outside the model
+    (lambda tmp: Path("tokenizer_config.json"), "leads nowhere"),  # itself: a loop
+])
+def test_a_sidecar_link_must_stay_inside_the_model(pair, tmp_path, cli, link, fragment):
+    tuned = _rewritten(pair, tmp_path)
+    (tmp_path / "secret.json").write_text('{"password": "hunter2"}')
+    (tuned / "tokenizer_config.json").unlink(missing_ok=True)
+    (tuned / "tokenizer_config.json").symlink_to(link(tmp_path))
+    run = cli("merge", "--tuned", str(tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / "out"), "--quiet")
+    assert_one_error_line(run, fragment)
+    assert "tokenizer_config.json" in run.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_vision_only_tuned_model_is_named_as_such(pair, tmp_path, cli):
+    tuned = _rewritten(pair, tmp_path, edit=lambda t: {k: v for k, v in t.items() if not k.startswith("language_model")})
+    run = cli("merge", "--tuned", str(tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / "out"), "--quiet")
+    assert_one_error_line(run, "whose weights hold no language-model tensors")
+    assert "language-model tensor 'multi_modal_projector" not in run.stderr
