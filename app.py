@@ -33,7 +33,7 @@ from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
-from studio.chat import check_histories, check_image_file, check_inner, check_method  # noqa: E402
+from studio.chat import check_histories, check_image_file, check_inner, check_method, refuse_data_url  # noqa: E402
 from studio.clients import UploadLedger, client_address, refusal  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
@@ -124,9 +124,8 @@ def preprocess_upload(payload: Any) -> str | None:
     Gradio would decode, is refused."""
     if payload is None:
         return None
-    if getattr(payload, "url", None) and str(payload.url).startswith("data:"):
-        raise gr.Error("Images are accepted as uploaded files, not as data: URLs.", print_exception=False)
     try:
+        refuse_data_url(getattr(payload, "url", None))
         return str(check_image_file(getattr(payload, "path", None)))
     except StudioError as err:
         raise gr.Error(public(str(err)), print_exception=False) from None
@@ -373,8 +372,9 @@ def build(studio: Studio) -> gr.Blocks:
         @user_errors
         def compare_image(image: FileData, message: str) -> dict:
             """Both models' answers to a message about an image, with behaviour labels."""
-            path = image.get("path") if isinstance(image, dict) else getattr(image, "path", None)
-            return studio.compare(message, path, image_required=True)
+            field = image.get if isinstance(image, dict) else lambda name: getattr(image, name, None)
+            refuse_data_url(field("url"))
+            return studio.compare(message, field("path"), image_required=True)
 
         def status_api() -> dict:
             """Load state: {state: loading|ready|failed, message, notice, seconds}."""

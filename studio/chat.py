@@ -86,6 +86,13 @@ def check_image_file(path: object) -> Path:
     return path
 
 
+def refuse_data_url(url: object) -> None:
+    """A StudioError for an image sent inline as a ``data:`` URL: it would be decoded before
+    any check of its size; images come as uploaded files."""
+    if isinstance(url, str) and url.startswith("data:"):
+        raise StudioError("Images are accepted as uploaded files, not as data: URLs.")
+
+
 def load_image(path: object) -> Image.Image:
     """An upload as an RGB image, decoded once and only after ``check_image_file``, turned
     the way its EXIF orientation says (a phone photo is stored sideways; the browser shows it

@@ -208,6 +208,8 @@ def test_no_server_path_or_internal_message_reaches_a_visitor(app, tmp_path: Pat
         error = done["output"].get("error") or ""
         assert "/" not in error.replace("data: URLs", "") and root not in json.dumps(done) and "Traceback" not in json.dumps(done), done
     assert "truncated.jpg' is not an image this app can read" in replies[0]["output"]["error"]
+    inline = queue_call(app.url, "compare_image", [{"url": "data:image/png;base64,iVBORw0KGgo=", "meta": {"_type": "gradio.FileData"}}, "What is this?"], session="paths-c")
+    assert not inline["success"] and inline["output"]["error"] == "Images are accepted as uploaded files, not as data: URLs."
 
 
 def probe_count_of_pocket() -> int:
