@@ -193,10 +193,9 @@ def run_methods(_: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import parse_methods, run_bench, run_sweep
+    from .evaluate import parse_methods
     from .merge import resolve_device
     from .presets import get_preset
-    from .report import markdown_table
 
     if args.limit is not None and args.limit < 1:
         raise FusionError(f"--limit must be at least 1, got {args.limit}: it is how many text and image probes to use")
@@ -205,6 +204,30 @@ def run_eval(args: argparse.Namespace) -> int:
         raise FusionError("--methods names no method; give one or more, comma-separated (e.g. neu-p-taska,ties)")
     resolve_device(args.device)  # a missing GPU is said now, not after the first models were scored
     writable_directory(out)  # before minutes of scoring that end by writing there
+    with quiet_loading():
+        _bench(args, preset, methods, out)
+    return 0
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Without transformers' "Loading weights" bars, which would interleave with the bench's
+    own progress lines for every model it loads; as before afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _bench(args: argparse.Namespace, preset: Any, methods: list, out: Path) -> None:
+    from .evaluate import run_bench, run_sweep
+    from .report import markdown_table
+
     if args.sweep:
         run_sweep(preset, [m for m, _ in methods], out, device=args.device, seed=args.seed, limit=args.limit)
         print(f"sweep written to {out / 'sweep.json'} and {out / 'sweep.png'}")
@@ -212,7 +235,6 @@ def run_eval(args: argparse.Namespace) -> int:
         rows = run_bench(preset, methods, out, device=args.device, seed=args.seed, limit=args.limit)
         print(markdown_table(rows))
         print(f"written to {out}/results.json, results.md, results.png, replies.jsonl")
-    return 0
 
 
 class _Stderr(logging.StreamHandler):

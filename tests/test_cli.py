@@ -368,3 +368,13 @@ def test_a_vision_only_tuned_model_is_named_as_such(pair, tmp_path, cli):
     run = cli("merge", "--tuned", str(tuned), "--base", str(pair.base), "--method", "ties", "--out", str(tmp_path / "out"), "--quiet")
     assert_one_error_line(run, "whose weights hold no language-model tensors")
     assert "language-model tensor 'multi_modal_projector" not in run.stderr
+
+
+def test_eval_prints_its_own_progress_not_model_loading_bars(tmp_path, monkeypatch, cli):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("NEURON_FUSION_CACHE", str(tmp_path / "cache"))
+    run = cli("eval", "--preset", "pocket", "--methods", "ties", "--limit", "1", "--out", str(tmp_path / "results"))
+    assert run.returncode == 0 and "| fused: ties |" in run.stdout
+    assert "Loading weights" not in run.stderr and "Writing model shards" not in run.stderr
+    assert hf_logging.is_progress_bar_enabled()  # as it was, for whoever calls next
