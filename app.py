@@ -226,7 +226,7 @@ def control(p: Param) -> gr.components.Component:
 def build(studio: Studio) -> gr.Blocks:
     preset = get_preset(studio.settings.preset if studio.settings.preset in PRESETS else FALLBACK_PRESET)
     method = studio.settings.method or preset.method
-    names = titles(preset, method)
+    names = titles(preset, method, preset.params if method == preset.method else None)
     params = all_params()
 
     # uploads older than an hour are removed every hour, and all of them at shutdown
@@ -294,7 +294,7 @@ def build(studio: Studio) -> gr.Blocks:
             line = [f"**{s.state.capitalize()}** · {html.escape(public(s.message))}{note}"]
             if studio.pair is None:
                 return [*line, *(gr.update() for _ in labelled), gr.Timer(active=s.state == "loading")]
-            original, fused, base = titles(studio.pair.preset, studio.pair.method)
+            original, fused, base = titles(studio.pair.preset, studio.pair.method, studio.pair.default.record.get("params"))
             return [*line, *(gr.Chatbot(label=t) for t in (original, fused, fused, original, base)), gr.Timer(active=False)]
 
         view_outputs = [status, *labelled, timer]
@@ -342,7 +342,7 @@ def build(studio: Studio) -> gr.Blocks:
             variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, report, owner=request.session_hash or "")
             default = variant is studio.ready().default
             note = "This is the default fused model." if default else f"Fused with **{name}** in memory in {variant.seconds:.1f} s; your fused columns now use it."
-            return [*variant_view(variant), note, *(gr.Chatbot(label=titles(studio.ready().preset, name)[1]) for _ in fused_chats), None if default else variant.key]
+            return [*variant_view(variant), note, *(gr.Chatbot(label=variant.model.name) for _ in fused_chats), None if default else variant.key]
 
         fuse_button.click(
             refuse,

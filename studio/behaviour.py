@@ -98,7 +98,7 @@ def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, pro
     """The first ``limit`` text and image probes of the pair's preset, asked to ``base`` (text
     only: it cannot see images), the original MLLM and the visitor's fused ``variant``."""
     probes = preset_probes(pair.preset, check_limit(limit, pair.preset))
-    original_title, fused_title, base_title = titles(pair.preset, variant.name)
+    original_title, fused_title, base_title = titles(pair.preset, variant.name, variant.record.get("params"))
     models = [
         ("base", base, None, None, base_title),
         ("tuned", pair.original, None, None, original_title),

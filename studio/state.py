@@ -165,7 +165,7 @@ class Studio:
         original = self._load_model(preset.tuned, True, title_original)
         checkpoints = (open_checkpoint(preset.tuned), open_checkpoint(preset.base))
         stream = MergeStream(*checkpoints, recipe, device=str(self.device))
-        variant = build_variant(original, stream, fused_title(preset, method), method, self._progress(f"fusing {preset.name}"))
+        variant = build_variant(original, stream, fused_title(preset, method, recipe.params), method, self._progress(f"fusing {preset.name}"))
         self.log(f"[studio] fused with {method} in memory in {variant.seconds:.1f} s ({variant.nbytes / 2**20:.0f} MiB)")
         return Pair(preset, original, variant, checkpoints)
 
@@ -214,7 +214,7 @@ class Studio:
                 if progress:
                     progress(p)
 
-            variant = build_variant(pair.original, stream, fused_title(pair.preset, method), method, report)
+            variant = build_variant(pair.original, stream, fused_title(pair.preset, method, recipe.params), method, report)
             self.store.put(variant, owner)
         self.log(f"[studio] variant {method} built in {variant.seconds:.1f} s; store: {len(self.store)} variants, {self.store.nbytes / 2**20:.0f} MiB")
         return variant

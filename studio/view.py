@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,14 +36,24 @@ def public(text: str) -> str:
 BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known", "object_hallucination": "Object-Hallucination"}
 
 
-def fused_title(preset: Preset, method: str) -> str:
-    kind = "Neuron-Fusion" if resolve(method).spec.locates_neurons else method
-    return f"{preset.label} + {kind}"
+def recipe_label(method: str, params: Mapping[str, Any] | None = None) -> str:
+    """The method as chosen and the settings that differ from its defaults, as a visitor reads
+    them: 'neu-p-taska', 'ties · density 0.5'. ``params`` may be a recipe's full parameters."""
+    chosen, defaults = resolve(method, dict(params or {})).params, resolve(method).params
+    changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if defaults.get(k) != v]
+    return " · ".join([method, *changed])
 
 
-def titles(preset: Preset, method: str) -> tuple[str, str, str]:
-    """Column headings: original MLLM, fused MLLM, base LLM."""
-    return f"{preset.label} (original)", fused_title(preset, method), f"{preset.base_label} (base LLM)"
+def fused_title(preset: Preset, method: str, params: Mapping[str, Any] | None = None) -> str:
+    """A fused column's heading, naming its recipe: 'Pocket-LLaVA + Neuron-Fusion (neu-p-taska ·
+    suppress 0.3)', 'Pocket-LLaVA + ties · density 0.5'."""
+    label = recipe_label(method, params)
+    return f"{preset.label} + Neuron-Fusion ({label})" if resolve(method).spec.locates_neurons else f"{preset.label} + {label}"
+
+
+def titles(preset: Preset, method: str, params: Mapping[str, Any] | None = None) -> tuple[str, str, str]:
+    """Column headings: original MLLM, fused MLLM (with its recipe), base LLM."""
+    return f"{preset.label} (original)", fused_title(preset, method, params), f"{preset.base_label} (base LLM)"
 
 
 def behaviour(answer: str, *, prompt_has_image: bool, object_present: bool | None = None) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def test_one_visitors_fuse_changes_nobody_elses_model(app) -> None:
     for client in (first, second):
         result = client.predict(question(), api_name="/compare_text")
         assert result["method"] == "neu-p-taska"
-        assert result["fused"]["model"] == "Pocket-LLaVA + Neuron-Fusion" and result["fused"]["answer"]
+        assert result["fused"]["model"] == "Pocket-LLaVA + Neuron-Fusion (neu-p-taska)" and result["fused"]["answer"]
 
 
 def peak_rss_gib(pid: int) -> float:

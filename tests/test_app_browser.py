@@ -120,7 +120,7 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
     expect(rows).to_have_count(3, timeout=120_000)
     seen = page.evaluate("window.nfProgress")
     assert any(re.match(r"replies \d+/\d+ · Pocket-", line) for line in seen), seen
-    assert [t.split("\t")[0] for t in rows.all_inner_texts()] == ["Pocket-Vicuna (base LLM)", "Pocket-LLaVA (original)", "Pocket-LLaVA + Neuron-Fusion"]
+    assert [t.split("\t")[0] for t in rows.all_inner_texts()] == ["Pocket-Vicuna (base LLM)", "Pocket-LLaVA (original)", "Pocket-LLaVA + Neuron-Fusion (neu-p-taska)"]
     grid = page.locator("#nf-bench-probes [role=grid]")
     expect(grid).to_have_attribute("aria-rowcount", str(1 + 4 + 4))  # the header, 4 text and 4 image probes
     expect(grid.locator("[role=columnheader]")).to_have_count(4 + 3)  # image, skill, question, expected, a reply per model

@@ -55,8 +55,12 @@ def test_settings_from_flags_and_env() -> None:
 
 def test_titles_name_the_method() -> None:
     preset = get_preset("llava-1.5-7b")
-    assert view.titles(preset, "neu-p-taska")[:2] == ("LLaVA-1.5 (original)", "LLaVA-1.5 + Neuron-Fusion")
+    assert view.titles(preset, "neu-p-taska")[:2] == ("LLaVA-1.5 (original)", "LLaVA-1.5 + Neuron-Fusion (neu-p-taska)")
     assert view.fused_title(preset, "ties") == "LLaVA-1.5 + ties"
+    # a column names the recipe: the method as chosen and what differs from its defaults
+    assert view.fused_title(preset, "ties", {"density": 0.5, "lambda": 1.0}) == "LLaVA-1.5 + ties · density 0.5"
+    assert view.fused_title(preset, "neu-p-bread", {"suppress": "0.3"}) == "LLaVA-1.5 + Neuron-Fusion (neu-p-bread · suppress 0.3)"
+    assert view.fused_title(preset, "neuron_fusion") != view.fused_title(preset, "neu-p-taska")
 
 
 # input checks
@@ -331,7 +335,7 @@ def test_a_visitors_variant_is_their_own(studio: state.Studio) -> None:
     variant = studio.fuse_variant("ties", {"density": 0.5}, seen.append)
     assert studio.status.as_dict() == status  # the page's status line is everyone's: a visitor's Fuse leaves it alone
     assert variant.name == "ties" and variant.report == [] and variant.record["params"]["density"] == 0.5
-    assert variant.model.name == "Pocket-LLaVA + ties" and seen and seen[-1].stage == "merging"
+    assert variant.model.name == "Pocket-LLaVA + ties · density 0.5" and seen and seen[-1].stage == "merging"
     assert studio.ready().fused is pair.fused and studio.variant(None) is pair.default  # nobody else's model changed
     assert pair.fused.answer([QUESTION])[0] == default_answer
     assert studio.fuse_variant("ties", {"density": 0.5}) is variant  # the same recipe is built once
@@ -448,7 +452,7 @@ def test_bench_scores_the_visitors_own_variant(studio: state.Studio) -> None:
     variant = studio.fuse_variant("task_arithmetic", {"lambda": 0.3})
     run = studio.bench(1, variant=variant.key)
     assert run.rows[2]["method"] == "task_arithmetic" and run.rows[2]["params"] == {"lambda": 0.3}
-    assert run.rows[2]["label"] == "Pocket-LLaVA + task_arithmetic"
+    assert run.rows[2]["label"] == "Pocket-LLaVA + task_arithmetic · lambda 0.3"  # its recipe, named
 
 
 @pytest.mark.parametrize("limit", ["8", float("nan"), float("inf"), None, True, 2.5, 0, -3, 10**9, [4]])
@@ -487,7 +491,7 @@ def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch,
     images."""
     monkeypatch.setattr(behaviour, "preset_probes", lambda preset, limit=None: tuple(part[:limit] if isinstance(part, list) else part for part in HAND_MADE))
     preset = get_preset("pocket")
-    original_title, fused_title, base_title = view.titles(preset, "neu-p-taska")
+    original_title, fused_title, base_title = view.titles(preset, "neu-p-taska", {"suppress": 0.5})
     fused = SimpleNamespace(name="neu-p-taska", model=FixedReplies("The capital is Nornis.", "No."), record={"params": {"suppress": 0.5}})
     pair = state.Pair(preset, FixedReplies("In the image, the triangle is blue.", "Yes, there is a yellow square."), fused, ())
     seen: list[tuple[float, str]] = []
