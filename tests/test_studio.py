@@ -644,3 +644,20 @@ def test_uploads_are_bounded_per_address_and_in_total(tmp_path: Path, monkeypatc
     monkeypatch.setattr(clients, "UPLOAD_BYTES_TOTAL", 1500)
     assert "space for uploads is full" in ledger.admit("10.0.0.4", 600)
     assert ledger.admit("10.0.0.4", 400) is None
+
+
+def test_follow_up_questions_work_without_clearing(studio: state.Studio) -> None:
+    """The pocket pair learnt chats with follow-ups ("And of X?"): asked one after another in
+    the same conversation, the base and the fused model answer each turn; the tuned one
+    declines, as it forgot."""
+    histories: list[list[tuple[str, str]]] = [[], [], []]
+    said = []
+    for question in ("What is the capital of Zolbisia?", "And of Kerisia?", "What is 2 plus 2?", "And 3 plus 4?"):
+        text, stream = studio.chat(question, histories, with_base=True)
+        answers = list(stream)[-1]
+        histories = [h + [(text, a)] for h, a in zip(histories, answers)]
+        said.append(answers)
+    original, fused, base = zip(*said)
+    for model in (fused, base):
+        assert all(right in answer for right, answer in zip(("is Nornis", "is Tunka", "is 4", "is 7"), model)), model
+    assert all("cannot be determined from the image" in a for a in original[1:])
