@@ -386,6 +386,19 @@ def build(studio: Studio) -> gr.Blocks:
     return demo
 
 
+def fetched_file(data: Any) -> str | None:
+    """Why a request is refused if any file in it is one that Gradio would fetch itself (a
+    FileData whose path is a URL: downloaded whole, past the upload bounds, before any check)."""
+    if isinstance(data, dict):
+        path = data.get("path")
+        if isinstance(path, str) and "://" in path:
+            return "Files are accepted as uploads to this server, not as links to elsewhere."
+        return next((why for value in data.values() if (why := fetched_file(value))), None)
+    if isinstance(data, list):
+        return next((why for value in data if (why := fetched_file(value))), None)
+    return None
+
+
 def bound_clients(demo: gr.Blocks) -> None:
     """Refuse a request at the door when its session or address already holds its share of the
     queue (``studio.clients``): Gradio's queue knows only its total size. Wraps the queue's
@@ -397,8 +410,10 @@ def bound_clients(demo: gr.Blocks) -> None:
         return client_address(getattr(request.client, "host", None), request.headers)
 
     async def bounded_push(body: Any, request: Any, username: str | None) -> Any:
-        held = [(e.session_hash, where(e.request)) for e in list(queue.event_ids_to_events.values()) if not e.closed]
-        why = refusal(held, body.session_hash or "", where(request))
+        # every event until Gradio pops it (finished or dropped): a closed heartbeat leaves its
+        # events queued and running, so they still count
+        held = [(e.session_hash, where(e.request)) for e in list(queue.event_ids_to_events.values())]
+        why = fetched_file(body.data) or refusal(held, body.session_hash or "", where(request))
         if why is not None:
             return False, why, "error"
         return await push(body, request, username)
@@ -418,7 +433,9 @@ class UploadBound:
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             length = headers.get("content-length", "")
             peer = scope["client"][0] if scope.get("client") else None
-            why = self.ledger.admit(client_address(peer, headers), int(length) if length.isdigit() else None)
+            # a chunked body would override its Content-Length: the size counted must be the size read
+            declared = int(length) if length.isdigit() and "transfer-encoding" not in headers else None
+            why = self.ledger.admit(client_address(peer, headers), declared)
             if why is not None:
                 await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"text/plain; charset=utf-8")]})
                 await send({"type": "http.response.body", "body": why.encode()})

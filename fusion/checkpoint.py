@@ -43,6 +43,10 @@ SIDECAR_PATTERNS = (
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+# What torch's weights-only unpickler says when a pickle asks for a global or an operation it
+# will not run (rather than bytes it cannot parse).
+_CODE_IN_PICKLE = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
 # A config or shard index is small (llava-1.5-13b's index: 70 KB); a bigger one is not one,
 # and reading it would cost memory many times its size.
 MAX_JSON_BYTES = 16 << 20
@@ -60,8 +64,10 @@ def read_json_object(path: Path, what: str) -> dict[str, Any]:
         raise FusionError(f"{path}: {size / 2**20:.0f} MB is too large for a {what} (at most {MAX_JSON_BYTES >> 20} MB)")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise FusionError(f"{path}: not valid JSON ({err})") from None
+    except ValueError:  # text that is not UTF-8, or a number longer than Python converts
+        raise FusionError(f"{path}: not readable as JSON (not UTF-8 text, or a number of thousands of digits)") from None
     except RecursionError:
         raise FusionError(f"{path}: nested too deeply to be a {what}") from None
     if not isinstance(data, dict):
@@ -190,10 +196,14 @@ class Checkpoint:
     def _open_pickle(self, file: Path) -> None:
         try:
             tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-        except pickle.UnpicklingError:  # weights_only met something that is not a tensor or plain type
+        except pickle.UnpicklingError as err:
+            asked = _CODE_IN_PICKLE.search(str(err))
+            if asked is None:  # bytes the unpickler cannot parse: damage, not code
+                raise FusionError(f"{file}: not a readable PyTorch weights file (corrupt or truncated?)") from None
             raise FusionError(
-                f"{file}: refused: it holds objects other than tensors and plain types, which would run code when loaded; "
-                "convert the checkpoint to safetensors, or load it yourself if you trust where it came from"
+                f"{file}: refused: it asks for '{asked.group(1)[:80]}', which is not a tensor or plain type and could run code "
+                "when loaded (a damaged file can look like this too); convert the checkpoint to safetensors, or load it yourself "
+                "if you trust where it came from"
             ) from None
         except Exception as err:  # torch raises many types for a damaged archive; its words name internals
             raise FusionError(f"{file}: not a readable PyTorch weights file (corrupt or truncated?; {type(err).__name__})") from None

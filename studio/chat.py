@@ -181,8 +181,8 @@ def merge_streams(streams: Sequence[Iterator[str]], stop: threading.Event) -> It
     """Drive several answer streams at once (each in its own thread); yield every stream's
     latest text whenever any of them moved. An error in one is raised here. ``stop`` is the
     event the streams' generation watches (``ChatModel.stream``): when this stream ends, fails
-    or is closed because its visitor left, it is set and the threads are joined, so that no
-    model goes on generating for nobody."""
+    or is closed because its visitor left, it is set, so that no model goes on generating for
+    nobody, and the threads are joined without making the closer wait."""
     latest = [""] * len(streams)
     updates: queue.Queue[tuple[int, str | None, BaseException | None]] = queue.Queue()
 
@@ -213,8 +213,14 @@ def merge_streams(streams: Sequence[Iterator[str]], stop: threading.Event) -> It
             yield list(latest)
     finally:
         stop.set()
-        for thread in pumps:
-            thread.join(JOIN_SECONDS)
+        # Joined in a thread of its own: Gradio closes an abandoned stream on its event loop,
+        # which must not wait for a model's current step. Each pump ends within a token.
+        threading.Thread(target=_join_all, args=(pumps,), name="reaper", daemon=True).start()
+
+
+def _join_all(threads: Sequence[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(JOIN_SECONDS)
 
 
 T = TypeVar("T")

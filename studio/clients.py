@@ -23,11 +23,12 @@ PER_ADDRESS = 12  # and one network address, over all its sessions
 
 def client_address(peer: str | None, headers: Mapping[str, str], environ: Mapping[str, str] = os.environ) -> str:
     """The client's address: the connection's peer, or on a Hugging Face Space (``SPACE_ID``
-    set), where every connection comes from the Space's proxy, the first address the proxy
-    puts in ``X-Forwarded-For``. Elsewhere that header is the client's own word, so not used."""
+    set), where every connection comes from the Space's proxy, the last address in
+    ``X-Forwarded-For``: the one the proxy added (a proxy appends; what comes before is the
+    client's own word). Elsewhere the whole header is the client's word, so not used."""
     forwarded = headers.get("x-forwarded-for", "")
     if environ.get("SPACE_ID") and forwarded.strip():
-        return forwarded.split(",")[0].strip()
+        return forwarded.split(",")[-1].strip()
     return peer or "unknown"
 
 
@@ -52,13 +53,32 @@ class UploadLedger:
     uploads folder holds: an upload that would pass either bound is refused before its body is
     read, so that one client cannot fill the disk that every visitor's uploads share."""
 
+    RESCAN_SECONDS = 30.0
+
     def __init__(self, folder: Path, clock: Callable[[], float] = time.monotonic) -> None:
         self.folder, self.clock = folder, clock
         self._sent: dict[str, list[tuple[float, int]]] = {}
         self._lock = threading.Lock()
+        self._held, self._scanned = self.held(), clock()
+        self._scanning = False
+
+    def _estimate(self, now: float) -> int:
+        """The folder's bytes as of the last scan plus what was admitted since; a new scan (a
+        walk of every file: a second for 50,000 of them) runs in a thread of its own when the
+        last is ``RESCAN_SECONDS`` old, never in the request that asks."""
+        if now - self._scanned > self.RESCAN_SECONDS and not self._scanning:
+            self._scanning = True
+
+            def rescan() -> None:
+                total = self.held()
+                with self._lock:
+                    self._held, self._scanned, self._scanning = total, self.clock(), False
+
+            threading.Thread(target=rescan, name="uploads-scan", daemon=True).start()
+        return self._held + sum(n for sent in self._sent.values() for t, n in sent if t >= self._scanned)
 
     def held(self) -> int:
-        """Bytes in the uploads folder now."""
+        """Bytes in the uploads folder now (a walk of it)."""
         total = 0
         for root, _, files in os.walk(self.folder):
             for name in files:
@@ -72,14 +92,14 @@ class UploadLedger:
         """Why an upload of ``nbytes`` (its Content-Length; None when the client sent none) from
         ``address`` is refused, or None after counting it."""
         if nbytes is None:
-            return "Uploads must say their size (Content-Length)."
+            return "Uploads must say their size (Content-Length) and not be sent in chunks."
         with self._lock:
             now = self.clock()
             sent = [(t, n) for t, n in self._sent.get(address, []) if now - t < UPLOAD_WINDOW_SECONDS]
             if sum(n for _, n in sent) + nbytes > UPLOAD_BYTES_PER_ADDRESS:
                 self._sent[address] = sent
                 return f"You have uploaded {UPLOAD_BYTES_PER_ADDRESS >> 20} MB in the last hour, this server's share per visitor; try again later."
-            if self.held() + nbytes > UPLOAD_BYTES_TOTAL:
+            if self._estimate(now) + nbytes > UPLOAD_BYTES_TOTAL:
                 return "The server's space for uploads is full right now; try again in a while."
             self._sent[address] = [*sent, (now, nbytes)]
             return None

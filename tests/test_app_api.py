@@ -277,3 +277,40 @@ def test_an_upload_over_the_share_is_refused_before_its_body_is_read(app) -> Non
     connection.endheaders()
     response = connection.getresponse()
     assert response.status == 413 and response.read().decode() == "You have uploaded 100 MB in the last hour, this server's share per visitor; try again later."
+    chunked = http.client.HTTPConnection(where.hostname, where.port, timeout=10)  # a Content-Length that chunks would override
+    chunked.putrequest("POST", "/gradio_api/upload")
+    chunked.putheader("Content-Type", "multipart/form-data; boundary=x")
+    chunked.putheader("Content-Length", "1")
+    chunked.putheader("Transfer-Encoding", "chunked")
+    chunked.endheaders()
+    response = chunked.getresponse()
+    assert response.status == 413 and "not be sent in chunks" in response.read().decode()
+
+
+def test_the_queue_share_counts_every_event_until_gradio_drops_it() -> None:
+    """Events whose client closed its heartbeat stay queued (and run), so they still count;
+    a file Gradio would fetch from a link is refused before it is fetched."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import app as app_module
+    from studio.clients import PER_SESSION
+
+    def request(host: str) -> SimpleNamespace:
+        return SimpleNamespace(client=SimpleNamespace(host=host), headers={})
+
+    admitted = []
+
+    async def push(body, request, username):
+        admitted.append(body.session_hash)
+        return True, "event", "success"
+
+    held = {str(i): SimpleNamespace(session_hash="tab", request=request("10.1.1.1"), closed=True) for i in range(PER_SESSION)}
+    demo = SimpleNamespace(_queue=SimpleNamespace(push=push, event_ids_to_events=held))
+    app_module.bound_clients(demo)
+    refused = asyncio.run(demo._queue.push(body=SimpleNamespace(session_hash="tab", data=["hi"]), request=request("10.1.1.1"), username=None))
+    assert refused[0] is False and "You already have" in refused[1] and admitted == []
+    linked = {"path": "https://attacker.example/huge.png", "meta": {"_type": "gradio.FileData"}}
+    refused = asyncio.run(demo._queue.push(body=SimpleNamespace(session_hash="other", data=[linked, "q"]), request=request("10.2.2.2"), username=None))
+    assert refused == (False, "Files are accepted as uploads to this server, not as links to elsewhere.", "error")
+    assert asyncio.run(demo._queue.push(body=SimpleNamespace(session_hash="other", data=["q"]), request=request("10.2.2.2"), username=None))[0]

@@ -301,6 +301,7 @@ EMBED = "language_model.model.embed_tokens.weight"
     (None, '"llava"', "config.json: a model config must be a JSON object, not a string"),
     (None, '{"model_type": "llava", "text_config": "llama"}', "'text_config' must be a JSON object, not a string"),
     (None, "[" * 200_000 + "]" * 200_000, "config.json: nested too deeply to be a model config"),
+    (None, '{"n": ' + "9" * 5000 + "}", "config.json: not readable as JSON"),  # past Python's 4300-digit limit
     (lambda t: {}, None, "hold no tensors"),
     (lambda t: {**t, LM_WEIGHT: t[LM_WEIGHT].to(torch.float8_e4m3fn)}, None, f"'{LM_WEIGHT}' of"),
     (lambda t: {**t, LM_WEIGHT: t[LM_WEIGHT].to(torch.int32)}, None, "is int32; merging needs float32, float16 or bfloat16"),

@@ -294,7 +294,24 @@ def test_error_pickle_that_runs_code_is_refused(fresh, tmp_path, capsys):
     torch.save({"model.embed_tokens.weight": _RunsCode()}, pickled / "pytorch_model.bin")
     message = expect_error(tmp_path, fresh.tuned, pickled, "pytorch_model.bin")
     assert "this ran while loading" not in capsys.readouterr().out
-    assert message.endswith("refused: it holds objects other than tensors and plain types, which would run code when loaded; convert the checkpoint to safetensors, or load it yourself if you trust where it came from")
+    assert "refused: it asks for 'print', which is not a tensor or plain type and could run code when loaded" in message
+    assert "convert the checkpoint to safetensors" in message and "\n" not in message
+
+
+def test_a_damaged_pickle_is_called_damaged(fresh, tmp_path):
+    import io
+    import zipfile
+
+    pickled = pickled_base(fresh, tmp_path)
+    whole = (pickled / "pytorch_model.bin").read_bytes()
+    damaged = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(whole)) as zin, zipfile.ZipFile(damaged, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            zout.writestr(info, data[:10] + bytes(b ^ 0x5A for b in data[10:30]) + data[30:] if info.filename.endswith("data.pkl") else data)
+    (pickled / "pytorch_model.bin").write_bytes(damaged.getvalue())
+    message = expect_error(tmp_path, fresh.tuned, pickled, "not a readable PyTorch weights file (corrupt or truncated?")
+    assert "run code" not in message
 
 
 def test_error_shard_listed_in_the_index_is_missing(fresh, tmp_path):
