@@ -191,8 +191,8 @@ class Studio:
     def fuse_variant(self, method: str, params: Mapping[str, Any], progress: Callable[[Progress], None] | None = None, owner: str = "") -> Variant:
         """The fused variant for ``method`` and ``params`` (raw values from a client, checked
         here): the default, one already in the store, or a new one built in memory. It becomes
-        ``owner``'s (the visitor's session) and their earlier one is released; nobody else's
-        variant changes."""
+        ``owner``'s (``"address/session"``) and their earlier one is released; nobody else's
+        variant changes (``VariantStore.make_room`` says whose may make room)."""
         pair = self.ready()
         method = check_method(method)
         try:

@@ -102,6 +102,13 @@ def build_variant(original: ChatModel, stream: MergeStream, title: str, name: st
     return Variant(stream.key, name, stream.recipe, record, fused, stream.report, time.perf_counter() - start, language_model_bytes(model))
 
 
+PER_ADDRESS = 2  # variants one network address may own before its oldest are the first to go
+
+
+def _address(owner: str) -> str:
+    return owner.split("/", 1)[0]
+
+
 class VariantStore:
     """Variants by recipe key, within ``max_count`` variants and ``max_bytes`` bytes. Each
     visitor owns one at a time (the one their fused columns use): fusing again releases their
@@ -146,20 +153,28 @@ class VariantStore:
         return variant
 
     def make_room(self, nbytes: int, owner: str) -> None:
-        """Evict until one more variant of ``nbytes`` fits: first the idle ones nobody owns
-        (``owner``'s own earlier one among them), then, oldest use first, the idle ones unused
-        for ``idle_seconds``. StudioError when that leaves no room: every variant belongs to a
-        visitor still using it."""
+        """Evict until one more variant of ``nbytes`` fits, in this order: the idle ones nobody
+        owns or only ``owner`` does (the one the new variant replaces), those of an address
+        that owns more than ``PER_ADDRESS`` (sessions cost a client nothing to invent; owners
+        are ``"address/session"``), then, oldest use first, the idle ones unused for
+        ``idle_seconds``. StudioError when that leaves no room: every variant belongs to a
+        visitor still using it. The owner's own variant is kept if no room can be made."""
         if nbytes > self.max_bytes or self.max_count < 1:
             raise StudioError(
                 f"This server has no room for another fused model ({nbytes / 2**20:.0f} MiB; it keeps at most "
                 f"{self.max_bytes / 2**20:.0f} MiB of them). Chat with the default fused model, or run the app yourself."
             )
-        self.release(owner)
         with self._lock:
             stale = time.monotonic() - self.idle_seconds
             idle = [v for v in self._variants.values() if v.users == 0]
-            order = [v for v in idle if not v.owners] + sorted((v for v in idle if v.owners and v.last_used < stale), key=lambda v: v.last_used)
+            held_by: dict[str, list[Variant]] = {}
+            for v in sorted(self._variants.values(), key=lambda v: v.last_used):
+                for address in {_address(o) for o in v.owners}:
+                    held_by.setdefault(address, []).append(v)
+            hoarded = {id(v) for vs in held_by.values() if len(vs) > PER_ADDRESS for v in vs[: len(vs) - PER_ADDRESS]}
+            order = [v for v in idle if v.owners <= {owner}]
+            order += [v for v in idle if id(v) in hoarded and v not in order]
+            order += sorted((v for v in idle if v.owners and v.last_used < stale and v not in order), key=lambda v: v.last_used)
             for v in order:
                 if len(self._variants) < self.max_count and self.nbytes + nbytes <= self.max_bytes:
                     break

@@ -419,6 +419,22 @@ def test_one_visitors_many_fuses_replace_their_own_variant_only() -> None:
     assert store.get("a3") is None and store.get("b1") is shared and shared.owners == {"visitor-a", "visitor-b"}
 
 
+def test_a_client_inventing_sessions_cannot_hold_every_variant() -> None:
+    """Sessions cost nothing to invent: one address's variants beyond its share (2) are the
+    first to make room for another visitor, and a refused build keeps the asker's own."""
+    store = VariantStore(max_count=4, max_bytes=10_000)
+    for i in range(4):
+        store.make_room(100, f"10.6.6.6/fake-{i}")
+        store.put(_fake_variant(f"h{i}"), f"10.6.6.6/fake-{i}")
+    store.make_room(100, "10.7.7.7/teacher")  # the hoarder's oldest goes
+    store.put(_fake_variant("t"), "10.7.7.7/teacher")
+    assert store.get("h0") is None and all(store.get(k) for k in ("h1", "h2", "h3", "t"))
+    with store.using(store.get("h1")), store.using(store.get("h2")), store.using(store.get("h3")):
+        with pytest.raises(StudioError, match="each in use"):
+            store.make_room(100, "10.8.8.8/student")
+    assert store.get("t").owners == {"10.7.7.7/teacher"}  # untouched by the refused build
+
+
 def test_controls_cover_every_method() -> None:
     names = {p.name for p in view.all_params()}
     for method in METHOD_NAMES:
