@@ -31,8 +31,7 @@ from . import StudioError
 from .view import titles
 
 if TYPE_CHECKING:
-    from .state import Pair
-    from .variants import Variant
+    from .variants import Pair, Variant
 
 BenchProgress = Callable[[float, str], None]  # (share of the whole run done, a line saying where it is)
 REPLIES_DIR = Path(tempfile.gettempdir()) / "nf-behaviour"  # the runs' reply files, one folder each

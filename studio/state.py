@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from fusion.architectures import SHARED_MODULES
-from fusion.checkpoint import Checkpoint, open_checkpoint
+from fusion.checkpoint import open_checkpoint
 from fusion.errors import FusionError
 from fusion.inference import ChatModel
 from fusion.merge import MergeStream, Progress, resolve_device
@@ -25,34 +24,8 @@ from . import StudioError
 from .behaviour import BehaviourRun, BenchProgress, check_limit, run_behaviour
 from .chat import answer_budget, ask, ask_stream, check_message, check_method, fit_history, load_image, merge_streams
 from .settings import FALLBACK_PRESET, Settings
-from .variants import Variant, VariantStore, build_variant
+from .variants import Pair, Variant, VariantStore, build_variant
 from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, titles
-
-
-@dataclass
-class Pair:
-    """The loaded models of one preset: the original MLLM and the preset's fused variant,
-    fixed for the life of the process (visitors' own variants live in the store)."""
-
-    preset: Preset
-    original: ChatModel
-    default: Variant
-    checkpoints: tuple[Checkpoint, Checkpoint]  # (tuned, base), opened once for every variant's merge
-
-    @property
-    def method(self) -> str:
-        """The preset's method as it was asked for (e.g. 'neu-p-taska')."""
-        return self.default.name
-
-    @property
-    def fused(self) -> ChatModel:
-        return self.default.model
-
-    @property
-    def shared(self) -> list[str]:
-        """The modules the fused model borrows from the original (one copy in memory)."""
-        mine, theirs = self.original.model.model, self.fused.model.model
-        return [name for name in SHARED_MODULES if getattr(theirs, name, None) is not None and getattr(theirs, name) is getattr(mine, name, None)]
 
 
 @dataclass

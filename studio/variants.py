@@ -1,4 +1,5 @@
-"""Fused variants in memory, and the bounded store that holds the ones visitors built.
+"""Fused variants in memory, the loaded pair they belong to (``Pair``), and the bounded store
+that holds the ones visitors built.
 
 A Space is one process that strangers share: one visitor's Fuse must not change what another
 sees, and no visitor may grow the server's memory without bound. So a variant is built for the
@@ -26,8 +27,10 @@ from typing import Any
 import torch
 
 from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
+from fusion.checkpoint import Checkpoint
 from fusion.inference import ChatModel, compute_dtype
 from fusion.merge import MergeStream, Progress
+from fusion.presets import Preset
 from fusion.registry import Recipe
 
 from . import StudioError
@@ -50,6 +53,32 @@ class Variant:
     users: int = field(default=0, compare=False)
     owners: set[str] = field(default_factory=set, compare=False)  # the visitors (sessions) whose fused model it is now
     last_used: float = field(default_factory=time.monotonic, compare=False)
+
+
+@dataclass
+class Pair:
+    """The loaded models of one preset: the original MLLM and the preset's fused variant,
+    fixed for the life of the process (visitors' own variants live in the store)."""
+
+    preset: Preset
+    original: ChatModel
+    default: Variant
+    checkpoints: tuple[Checkpoint, Checkpoint]  # (tuned, base), opened once for every variant's merge
+
+    @property
+    def method(self) -> str:
+        """The preset's method as it was asked for (e.g. 'neu-p-taska')."""
+        return self.default.name
+
+    @property
+    def fused(self) -> ChatModel:
+        return self.default.model
+
+    @property
+    def shared(self) -> list[str]:
+        """The modules the fused model borrows from the original (one copy in memory)."""
+        mine, theirs = self.original.model.model, self.fused.model.model
+        return [name for name in SHARED_MODULES if getattr(theirs, name, None) is not None and getattr(theirs, name) is getattr(mine, name, None)]
 
 
 def language_model_bytes(model: torch.nn.Module) -> int:

@@ -20,8 +20,7 @@ from fusion.probes import preset_probes, probe_image
 from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
 
 if TYPE_CHECKING:
-    from .state import Pair
-    from .variants import Variant
+    from .variants import Pair, Variant
 
 # An absolute server path (not part of a URL): visitors see only its last component.
 _SERVER_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s'\"(),;/]+/)+([^\s'\"(),;:/]*)")
