@@ -338,9 +338,8 @@ def build(studio: Studio) -> gr.Blocks:
             by_name = dict(zip((p.name for p in params), values))
             name = check_method(name)
             wanted = method_params(name, check_inner(by_name.get("inner")))
-            report = lambda p: progress(p.fraction, desc=format_progress(p))  # noqa: E731
-            owner = f"{client_address(getattr(request.client, 'host', None), request.headers)}/{request.session_hash or ''}"
-            variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, report, owner=owner)
+            owner = f"{client_address(getattr(request.client, 'host', None), request.headers)}/{request.session_hash or ''}"  # whose variant it is
+            variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)), owner=owner)
             default = variant is studio.ready().default
             note = "This is the default fused model." if default else f"Fused with **{name}** in memory in {variant.seconds:.1f} s; your fused columns now use it."
             return [*variant_view(variant), note, *(gr.Chatbot(label=variant.model.name) for _ in fused_chats), None if default else variant.key]
