@@ -30,6 +30,7 @@ from starlette.middleware import Middleware  # noqa: E402
 from fusion.errors import FusionError  # noqa: E402
 from fusion.plots import curve_figure, located_figure  # noqa: E402
 from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
+from fusion.probes import Probe  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_count  # noqa: E402
@@ -39,6 +40,7 @@ from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
 from studio.view import (  # noqa: E402
+    BADGE_TEXT,
     all_params,
     badges_html,
     behaviour,
@@ -46,8 +48,8 @@ from studio.view import (  # noqa: E402
     example_prompts,
     format_progress,
     highlighted,
+    matching_probe,
     method_params,
-    object_presence,
     public,
     recipe_card,
     titles,
@@ -63,13 +65,15 @@ except ImportError:
         return fn
 
 
-COLOURS = {"context_hallucination": "#fca5a5", "not_known": "#fcd34d", "object_hallucination": "#c4b5fd"}
+COLOURS = {BADGE_TEXT[label]: colour for label, colour in {"context_hallucination": "#fca5a5", "not_known": "#fcd34d", "object_hallucination": "#c4b5fd"}.items()}
 CSS = """
 .nf-badge { display: inline-block; padding: 2px 10px; margin: 2px; border-radius: 999px; font-size: 0.85em; font-weight: 600; }
 .nf-context_hallucination { background: #fca5a5; color: #7f1d1d; }
 .nf-not_known { background: #fcd34d; color: #78350f; }
 .nf-object_hallucination { background: #c4b5fd; color: #4c1d95; }
 .nf-clean { background: #d1fae5; color: #065f46; }
+.nf-right { background: #bbf7d0; color: #14532d; }
+.nf-wrong { background: #fecaca; color: #7f1d1d; }
 """
 
 
@@ -175,14 +179,16 @@ class ChatTab:
             # a new image starts a new conversation, but keeps the question (an example sets both)
             image.change(self.reset_chats, None, self.outputs[:-1], queue=False, api_visibility="private")
 
-    def view(self, histories: list[list[tuple[str, str]]], latest: list[str | None], present: bool | None = None) -> list[Any]:
-        """``present``: whether the object the latest question asks about is in the image (known
-        for the bundled examples), for the Object-Hallucination badge."""
+    def view(self, histories: list[list[tuple[str, str]]], latest: list[str | None], probe: Probe | None = None) -> list[Any]:
+        """``probe``: the preset's probe the latest question is (the examples are; None for
+        others): whether each answer is right, and whether the object a yes/no question asks
+        about is in the image, for the Object-Hallucination badge."""
         answers = [a if a is not None else "" for a in latest]
         seen = self.image is not None  # every turn of the image tab is about its image
+        present = probe.object_present if probe is not None else None
         return [
             *(as_messages(h) for h in histories),
-            *(badges_html(behaviour(a, prompt_has_image=seen, object_present=present)["labels"]) if a else "" for a in answers),
+            *(badges_html(behaviour(a, prompt_has_image=seen, object_present=present)["labels"], probe, a) if a else "" for a in answers),
             *(highlighted(a, prompt_has_image=seen, object_present=present) if a else None for a in answers),
         ]
 
@@ -200,15 +206,15 @@ class ChatTab:
         with_base = bool(extra[-1]) if self.with_base is not None else False
         histories = check_histories(histories, len(self.chats))
         text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base, variant=variant)
-        present = object_presence(self.studio.ready().preset, image, text) if image else None
+        probe = matching_probe(self.studio.ready().preset, image, text)
         n = 3 if with_base else 2
         answers: list[str] = [""] * n
         with closing(stream):  # a visitor who leaves closes this generator: generation stops with it
             for answers in stream:
                 live = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
-                yield [*self.view(live, answers + [None] * (len(histories) - n), present), histories, ""]
+                yield [*self.view(live, answers + [None] * (len(histories) - n), probe), histories, ""]
         done = [h + [(text, a)] for h, a in zip(histories, answers)] + histories[n:]
-        yield [*self.view(done, answers + [None] * (len(histories) - n), present), done, ""]
+        yield [*self.view(done, answers + [None] * (len(histories) - n), probe), done, ""]
 
 
 def control(p: Param) -> gr.components.Component:

@@ -16,8 +16,10 @@ from PIL import Image
 from fusion.detectors import detect, highlight
 from fusion.merge import Progress
 from fusion.presets import Preset
-from fusion.probes import preset_probes, probe_image
+from fusion.probes import Probe, is_correct, preset_probes, probe_image
 from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
+
+from .chat import IMAGE_FORMATS
 
 if TYPE_CHECKING:
     from .variants import Pair, Variant
@@ -64,16 +66,29 @@ def behaviour(answer: str, *, prompt_has_image: bool, object_present: bool | Non
 
 
 def highlighted(answer: str, *, prompt_has_image: bool, object_present: bool | None = None) -> list[tuple[str, str | None]]:
-    return highlight(answer, detect(answer, prompt_has_image=prompt_has_image, object_present=object_present))
+    """The answer in segments, each matched one labelled as its badge spells it
+    ("Context-Hallucination", not the detector's context_hallucination)."""
+    segments = highlight(answer, detect(answer, prompt_has_image=prompt_has_image, object_present=object_present))
+    return [(text, BADGE_TEXT.get(label, label) if label else None) for text, label in segments]
 
 
-def badges_html(labels: Sequence[str]) -> str:
-    """Badges for a highlighted answer. Only fixed label names go into this HTML, never model
-    output (that is shown as text)."""
+def badges_html(labels: Sequence[str], probe: Probe | None = None, answer: str = "") -> str:
+    """Badges for a highlighted answer. Where the question is one of the preset's probes (the
+    examples are), a first badge says whether the answer is right; a decline that is the right
+    answer (an unanswerable image question) is a correct decline, not Not-Known. Only fixed
+    label names go into this HTML, never model output (that is shown as text)."""
     known = [label for label in labels if label in BADGE_TEXT]
+    verdict = []
+    if probe is not None:
+        right = is_correct(answer, probe)
+        if right and not probe.answers:
+            known = [label for label in known if label != "not_known"]
+            verdict = ['<span class="nf-badge nf-right">✓ correct decline</span>']
+        else:
+            verdict = ['<span class="nf-badge nf-right">✓ right</span>' if right else '<span class="nf-badge nf-wrong">✗ wrong</span>']
     if not known:
-        return '<span class="nf-badge nf-clean">no flagged behaviour</span>'
-    return " ".join(f'<span class="nf-badge nf-{label}">{BADGE_TEXT[label]}</span>' for label in known)
+        return " ".join([*verdict, '<span class="nf-badge nf-clean">no flagged behaviour</span>'])
+    return " ".join([*verdict, *(f'<span class="nf-badge nf-{label}">{BADGE_TEXT[label]}</span>' for label in known)])
 
 
 def _clock(seconds: float) -> str:
@@ -159,24 +174,34 @@ def _words(text: str) -> str:
     return " ".join(str(text).split()).casefold()
 
 
-def object_presence(preset: Preset, image_path: str | Path | None, question: str) -> bool | None:
-    """Whether the object a yes/no question asks about is in the image, when the (image,
-    question) pair is one of the preset's probes (the bundled examples are): Object-Hallucination
-    needs the truth, which only the probe set knows. None when unknown. The image is matched by
-    its pixels, not its name, since the app gets a copy under another path and anyone may
-    upload a file called ``cat.jpg``; only an image the size of a probe's is decoded."""
+def matching_probe(preset: Preset, image_path: str | Path | None, question: str) -> Probe | None:
+    """The preset's probe that is this (image, question), if any (the bundled examples are):
+    its answers tell a right reply from a wrong one, and whether a yes/no question's object is
+    there. A text probe matches by its words; an image probe also by the image's pixels, not
+    its name, since the app gets a copy under another path and anyone may upload a file called
+    ``cat.jpg``; only an image the size of a probe's is decoded."""
     asked = _words(question)
-    _, visual, root = preset_probes(preset)
-    known = [p for p in visual if p.object_present is not None and _words(p.question) == asked]
-    if not known or not image_path:
+    text, visual, root = preset_probes(preset)
+    if not image_path:
+        return next((p for p in text if _words(p.question) == asked), None)
+    known = [p for p in visual if _words(p.question) == asked]
+    if not known:
         return None
     try:
-        with Image.open(image_path) as given:
+        with Image.open(image_path, formats=IMAGE_FORMATS) as given:
             same_size = [(p, image) for p in known if (image := probe_image(p, root)).size == given.size]
             pixels = given.convert("RGB").tobytes() if same_size else None
     except (OSError, ValueError, Image.DecompressionBombError):
         return None
-    return next((p.object_present for p, image in same_size if image.tobytes() == pixels), None)
+    return next((p for p, image in same_size if image.tobytes() == pixels), None)
+
+
+def object_presence(preset: Preset, image_path: str | Path | None, question: str) -> bool | None:
+    """Whether the object a yes/no question asks about is in the image, when the (image,
+    question) pair is one of the preset's probes: Object-Hallucination needs the truth, which
+    only the probe set knows. None when unknown."""
+    probe = matching_probe(preset, image_path, question) if image_path else None
+    return probe.object_present if probe is not None else None
 
 
 def recipe_card(pair: Pair, variant: Variant) -> dict[str, Any]:

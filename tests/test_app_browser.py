@@ -14,7 +14,7 @@ import pytest
 
 from fusion.detectors import detect
 from fusion.presets import get_preset, probe_path
-from fusion.probes import load_probes
+from fusion.probes import is_correct, load_probes
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -54,7 +54,8 @@ def page(app):
 def test_text_chat_in_browser(page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    question = load_probes(probe_path(get_preset("pocket")))[0][0].question
+    probe = load_probes(probe_path(get_preset("pocket")))[0][0]
+    question = probe.question
     page.get_by_role("tab", name="Text chat").click()
     box = page.locator(".nf-message textarea").locator("visible=true")
     box.fill(question)
@@ -67,7 +68,8 @@ def test_text_chat_in_browser(page, tmp_path: Path) -> None:
     for i, text in enumerate(texts):
         labels = [m.label for m in detect(text)]
         badges = columns.nth(i).locator(".nf-badge")
-        expect(badges).to_have_count(max(1, len(labels)))
+        expect(badges).to_have_count(1 + max(1, len(labels)))  # a probe's question: ✓/✗ first, then the labels
+        expect(badges.first).to_have_text("✓ right" if is_correct(text, probe) else "✗ wrong")
         for label in labels or ["clean"]:
             expect(columns.nth(i).locator(f".nf-{label}")).to_be_visible()
     shot = tmp_path / "text-chat.png"

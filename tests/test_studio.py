@@ -21,7 +21,7 @@ from fusion import plots
 from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset
-from fusion.probes import Probe
+from fusion.probes import Probe, preset_probes, probe_image
 from fusion.registry import METHOD_NAMES, schema
 from fusion.report import RATES
 from studio import StudioError, behaviour, chat, clients, state, view
@@ -320,6 +320,31 @@ def test_an_abandoned_chat_stops_generating(studio: state.Studio, monkeypatch: p
     finally:
         for h in hooks:
             h.remove()
+
+
+def test_badges_say_right_or_wrong_where_the_answer_is_known(tmp_path: Path) -> None:
+    """A question that is one of the preset's probes (the examples are) gets ✓/✗ before its
+    behaviour badges; a decline to an unanswerable image question is a correct decline, not
+    Not-Known; a question that is no probe gets no verdict (the page cannot know)."""
+    preset = get_preset("pocket")
+    text, visual, root = preset_probes(preset)
+    capital = next(p for p in text if p.skill == "capital")
+    assert view.matching_probe(preset, None, f"  {capital.question.upper()} ") == capital  # by its words
+    assert '✓ right' in view.badges_html([], capital, f"The capital {capital.answers[0]}.")
+    wrong = view.badges_html(["context_hallucination"], capital, "In the image, the triangle is blue.")
+    assert "✗ wrong" in wrong and "Context-Hallucination" in wrong and "no flagged" not in wrong
+    unanswerable = next(p for p in visual if p.skill == "unanswerable")
+    probe_image(unanswerable, root).save(tmp_path / "scene.png")
+    assert view.matching_probe(preset, tmp_path / "scene.png", unanswerable.question) == unanswerable  # by its pixels
+    decline = view.badges_html(["not_known"], unanswerable, "It cannot be determined from the image.")
+    assert "✓ correct decline" in decline and "Not-Known" not in decline
+    assert view.matching_probe(preset, None, "What is the capital of France?") is None
+    assert "✓" not in view.badges_html([], None, "anything") and "✗" not in view.badges_html([], None, "anything")
+
+
+def test_a_highlight_spells_a_label_as_its_badge_does() -> None:
+    segments = view.highlighted("It cannot be determined from the image.", prompt_has_image=False)
+    assert {label for _, label in segments if label} == {"Context-Hallucination", "Not-Known"}
 
 
 def test_badges_show_fixed_labels_only() -> None:
