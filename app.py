@@ -278,9 +278,10 @@ def build(studio: Studio) -> gr.Blocks:
             with gr.Row():
                 limit = gr.Slider(1, most, value=min(8, most), step=1, label="probes per set (fewer is faster)", elem_id="nf-bench-limit")
                 run = gr.Button("Run probes", variant="primary", elem_id="nf-bench-run")
-            table = gr.Markdown(elem_id="nf-bench-table")
+            table = gr.Markdown("*No run yet: choose how many probes of each kind and press **Run probes**.*", elem_id="nf-bench-table")
             chart = gr.Plot(label="Rates")
             per_probe = gr.Dataframe(
+                headers=["image", "skill", "question", "expected", names[2], names[0], names[1]],  # the empty table's too
                 label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels, and for image probes its replies with a blank and with another image",
                 interactive=False,
                 wrap=True,
@@ -368,7 +369,15 @@ def build(studio: Studio) -> gr.Blocks:
             return [result.table, result.chart, result.probes, str(result.replies)]
 
         # one Behaviour run at a time, in a slot of its own: long runs never hold the chats' model slots
-        run.click(bench, [limit, visitor], [table, chart, per_probe, replies], concurrency_limit=1, concurrency_id="behaviour", api_visibility="private")
+        run.click(
+            bench,
+            [limit, visitor],
+            [table, chart, per_probe, replies],
+            concurrency_limit=1,
+            concurrency_id="behaviour",
+            api_visibility="private",
+            show_progress_on=[table],  # one progress bar, not one per output
+        )
 
         @user_errors
         def compare_text(message: str) -> dict:

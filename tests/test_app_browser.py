@@ -104,6 +104,10 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
     from playwright.sync_api import expect
 
     page.get_by_role("tab", name="Behaviour").click()
+    expect(page.locator("#nf-bench-table")).to_contain_text("No run yet")  # an empty state, not a blank
+    headers = page.locator("#nf-bench-probes [role=columnheader]")
+    expect(headers.first).to_contain_text("image")
+    assert "skill" in headers.nth(1).inner_text() and "Pocket-Vicuna (base LLM)" in headers.nth(4).inner_text()  # not "1 2 3"
     box = page.locator("#nf-bench-limit input[type=number]")
     box.fill("4")
     box.press("Enter")
@@ -111,9 +115,11 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
     page.evaluate(
         """() => {
             window.nfProgress = [];
+            window.nfBars = 0;
             new MutationObserver(() => {
-                const line = document.body.innerText.match(/replies \\d+\\/\\d+ · [^\\n]*/);
-                if (line) window.nfProgress.push(line[0]);
+                const lines = document.body.innerText.match(/replies \\d+\\/\\d+ · [^\\n]*/g) || [];
+                if (lines.length) window.nfProgress.push(lines[0]);
+                window.nfBars = Math.max(window.nfBars, lines.length);
             }).observe(document.body, {childList: true, subtree: true, characterData: true});
         }"""
     )
@@ -122,6 +128,7 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
     expect(rows).to_have_count(3, timeout=120_000)
     seen = page.evaluate("window.nfProgress")
     assert any(re.match(r"replies \d+/\d+ · Pocket-", line) for line in seen), seen
+    assert page.evaluate("window.nfBars") == 1  # one progress line, not one per output
     assert [t.split("\t")[0] for t in rows.all_inner_texts()] == ["Pocket-Vicuna (base LLM)", "Pocket-LLaVA (original)", "Pocket-LLaVA + Neuron-Fusion (neu-p-taska)"]
     grid = page.locator("#nf-bench-probes [role=grid]")
     expect(grid).to_have_attribute("aria-rowcount", str(1 + 4 + 4))  # the header, 4 text and 4 image probes
