@@ -298,7 +298,8 @@ def build(studio: Studio) -> gr.Blocks:
             """The status line and, once ready, the loaded preset's column titles."""
             s = studio.status
             note = f"\n\n⚠️ {html.escape(public(s.notice))}" if s.notice else ""
-            line = [f"**{s.state.capitalize()}** · {html.escape(public(s.message))}{note}"]
+            about = f"\n\n{html.escape(studio.pair.preset.note)}" if studio.pair is not None and studio.pair.preset.note else ""
+            line = [f"**{s.state.capitalize()}** · {html.escape(public(s.message))}{note}{about}"]
             if studio.pair is None:
                 return [*line, *(gr.update() for _ in labelled), gr.Timer(active=s.state == "loading")]
             original, fused, base = titles(studio.pair.preset, studio.pair.method, studio.pair.default.record.get("params"))

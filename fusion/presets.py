@@ -77,7 +77,7 @@ PRESETS: dict[str, Preset] = {
             str(ASSETS / "pocket" / "base"),
             "neu-p-taska",
             probes="pocket.json",
-            note="A bundled tiny Vicuna/LLaVA pair trained on a synthetic world (assets/pocket); runs offline on a CPU in seconds.",
+            note="A bundled tiny Vicuna/LLaVA pair trained on a made-up world (assets/pocket); runs offline on a CPU in seconds. It knows the capitals and languages of 40 invented countries (Zolbisia, Kerisia, ...), opposites, one-digit sums and differences, plurals, past tenses, animal sounds, the colours of things and which day or month comes next; its pictures are coloured circles, squares and triangles on a 3x3 grid. A question from outside that world gets an answer from inside it.",
             label="Pocket-LLaVA",
             base_label="Pocket-Vicuna",
             gpu=False,

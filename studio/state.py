@@ -111,7 +111,8 @@ class Studio:
             self.store.max_bytes = memory_budget(self.device)
             self.status.seconds = time.perf_counter() - self.started
             how = f"{method}, 4-bit nf4" if self.load_4bit else method
-            self.status.state, self.status.message = "ready", f"ready: {name} ({how}) in {self.status.seconds:.1f} s"
+            self.status.state = "ready"
+            self.status.message = f"ready: {preset.label} and its base {preset.base_label}, fused with {how} (preset {name}) in {self.status.seconds:.1f} s"
             self.log(self.status.message)
             self.log(f"[studio] visitors' variants: at most {self.store.max_count}, {self.store.max_bytes / 2**30:.1f} GiB")
             return

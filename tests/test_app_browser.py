@@ -54,6 +54,9 @@ def page(app):
 def test_text_chat_in_browser(page, tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
+    status = page.locator("#nf-status")  # the page names what it runs, and what the pocket world knows
+    expect(status).to_contain_text("Pocket-LLaVA and its base Pocket-Vicuna, fused with neu-p-taska (preset pocket)")
+    expect(status).to_contain_text("capitals and languages of 40 invented countries")
     probe = load_probes(probe_path(get_preset("pocket")))[0][0]
     question = probe.question
     page.get_by_role("tab", name="Text chat").click()

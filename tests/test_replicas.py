@@ -169,7 +169,7 @@ def test_app_starts_on_the_paper_pair_in_4bit_on_a_cpu(hub: Hub, tmp_path: Path)
     with running_app(tmp_path, "llava-1.5-7b", ["--4bit"], hub.env) as app:
         client = Client(app.url, verbose=False)
         status = client.predict(api_name="/status")
-        assert status["state"] == "ready" and status["message"].startswith("ready: llava-1.5-7b (neu-p-taska, 4-bit nf4)")
+        assert status["state"] == "ready" and status["message"].startswith("ready: LLaVA-1.5 and its base Vicuna-7B-v1.5, fused with neu-p-taska, 4-bit nf4 (preset llava-1.5-7b)")
         assert status["notice"] == ""
         text = client.predict("What is the capital of France?", api_name="/compare_text")
         image = client.predict(handle_file(str(ROOT / "assets" / "examples" / "cat.jpg")), "Is there a dog?", api_name="/compare_image")
