@@ -73,6 +73,7 @@ CSS = """
 .nf-object_hallucination { background: #c4b5fd; color: #4c1d95; }
 .nf-clean { background: #d1fae5; color: #065f46; }
 .nf-right { background: #bbf7d0; color: #14532d; }
+.nf-marked .label, .nf-marked .label-input { text-transform: none; }  /* a label reads as its badge does */
 .nf-wrong { background: #fecaca; color: #7f1d1d; }
 """
 
