@@ -12,6 +12,7 @@ import queue
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,18 +73,8 @@ def check_image_file(path: object) -> Path:
     or ICNS may hold a 9000×9000 PNG behind a 16×16 header and is decoded when opened, so only
     the formats a chat needs are opened at all (``IMAGE_FORMATS``); a 1×100000 strip would
     become a huge square when the processor resizes its short side."""
-    if not path or not isinstance(path, (str, Path)):
-        raise StudioError("This tab asks about an image: upload one (or pick an example) first. Text-only questions go to the Text chat tab.")
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise StudioError(f"The upload is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES >> 20} MB are accepted.")
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
-            check_image_shape(image.width, image.height)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
-        raise StudioError(_unreadable(path, err)) from None
-    return path
+    with _opened(path) as (checked, _):
+        return checked
 
 
 def refuse_data_url(url: object) -> None:
@@ -94,15 +85,32 @@ def refuse_data_url(url: object) -> None:
 
 
 def load_image(path: object) -> Image.Image:
-    """An upload as an RGB image, decoded once and only after ``check_image_file``, turned
-    the way its EXIF orientation says (a phone photo is stored sideways; the browser shows it
-    upright, and so must the model see it)."""
-    path = check_image_file(path)
-    try:
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+    """An upload as an RGB image, decoded once and only after the checks of
+    ``check_image_file`` (in the same opening), turned the way its EXIF orientation says (a
+    phone photo is stored sideways; the browser shows it upright, and so must the model see it)."""
+    with _opened(path) as (checked, image):
+        try:
             return to_rgb(ImageOps.exif_transpose(image))
+        except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
+            raise StudioError(_unreadable(checked, err)) from None
+
+
+@contextmanager
+def _opened(path: object) -> Iterator[tuple[Path, Image.Image]]:
+    """The upload opened (header read, no pixels) after its size, format and shape checks."""
+    if not path or not isinstance(path, (str, Path)):
+        raise StudioError("This tab asks about an image: upload one (or pick an example) first. Text-only questions go to the Text chat tab.")
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMAGE_BYTES:
+            raise StudioError(f"The upload is {size / 2**20:.1f} MB; images up to {MAX_IMAGE_BYTES >> 20} MB are accepted.")
+        image = Image.open(path, formats=IMAGE_FORMATS)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as err:
         raise StudioError(_unreadable(path, err)) from None
+    with image:
+        check_image_shape(image.width, image.height)
+        yield path, image
 
 
 def _unreadable(path: Path, err: BaseException) -> str:

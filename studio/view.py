@@ -4,6 +4,7 @@ these into components."""
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 import time
@@ -15,8 +16,8 @@ from PIL import Image
 
 from fusion.detectors import detect, highlight
 from fusion.merge import Progress
-from fusion.presets import Preset
-from fusion.probes import Probe, is_correct, preset_probes, probe_image
+from fusion.presets import Preset, get_preset
+from fusion.probes import Probe, Probes, is_correct, preset_probes, probe_image
 from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
 
 from .chat import IMAGE_FORMATS
@@ -60,7 +61,7 @@ def titles(preset: Preset, method: str, params: Mapping[str, Any] | None = None)
 def behaviour(answer: str, *, prompt_has_image: bool, object_present: bool | None = None) -> dict[str, Any]:
     """An answer with its detector labels, JSON-able (the API's per-model record).
     Context-Hallucination is only looked for when the prompt had no image, Object-Hallucination
-    only when the asked-about object's presence is known (``object_presence``)."""
+    only when the asked-about object's presence is known (a probe's, ``matching_probe``)."""
     matches = detect(answer, prompt_has_image=prompt_has_image, object_present=object_present)
     return {"answer": answer, "labels": [m.label for m in matches], "matches": [vars(m) for m in matches]}
 
@@ -137,10 +138,16 @@ def method_params(method: str, inner: str | None = None) -> dict[str, Param]:
     return {p.name: p for p in schema(method, inner if resolve(method).spec.locates_neurons else None)}
 
 
+@functools.lru_cache(maxsize=8)
+def _probes(preset_name: str) -> Probes:
+    """The preset's probe set, read once: every chat message asks ``matching_probe``."""
+    return preset_probes(get_preset(preset_name))
+
+
 def example_prompts(preset: Preset, n: int = 6) -> list[str]:
     """Text-only questions from the preset's probe set, one per skill: the ones a tuned MLLM
     tends to answer with "In the image ..." or "I don't know"."""
-    text, _, _ = preset_probes(preset)
+    text, _, _ = _probes(preset.name)
     by_skill: dict[str, str] = {}
     for p in text:
         by_skill.setdefault(p.skill, p.question)
@@ -150,7 +157,7 @@ def example_prompts(preset: Preset, n: int = 6) -> list[str]:
 def example_images(preset: Preset, n: int = 4) -> list[tuple[str, str]]:
     """(image file, question) pairs from the preset's probe set, questions about absent objects
     (answer "no": where MLLMs hallucinate) first, one per image. Drawn scenes are saved as PNG."""
-    _, visual, root = preset_probes(preset)
+    _, visual, root = _probes(preset.name)
     ordered = sorted(visual, key=lambda p: p.answers != ("no",))
     out: dict[str, tuple[str, str]] = {}
     drawn = Path(tempfile.gettempdir()) / "neuron-fusion-examples" / preset.name
@@ -181,7 +188,7 @@ def matching_probe(preset: Preset, image_path: str | Path | None, question: str)
     its name, since the app gets a copy under another path and anyone may upload a file called
     ``cat.jpg``; only an image the size of a probe's is decoded."""
     asked = _words(question)
-    text, visual, root = preset_probes(preset)
+    text, visual, root = _probes(preset.name)
     if not image_path:
         return next((p for p in text if _words(p.question) == asked), None)
     known = [p for p in visual if _words(p.question) == asked]
