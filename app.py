@@ -20,6 +20,7 @@ import os  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from contextlib import closing  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -78,9 +79,10 @@ CSS = """
 """
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Show a StudioError/FusionError as a message in the UI (or the API's error) instead of a
-    traceback, and any other failure as one line that names nothing of the server; works for
+def guarded(fn: Callable, refuse: Callable[[str], Any]) -> Callable:
+    """``fn`` with a StudioError/FusionError turned into its own line and any other failure
+    into one line that names nothing of the server (``said``), handed to ``refuse``: it raises
+    (an API's error) or returns what the handler gives instead (a page's toast). Works for
     plain and generator handlers."""
 
     if inspect.isgeneratorfunction(fn):
@@ -89,12 +91,10 @@ def user_errors(fn: Callable) -> Callable:
         def gen(*args: Any, **kwargs: Any) -> Any:
             try:
                 yield from fn(*args, **kwargs)
-            except (StudioError, FusionError) as err:
-                raise gr.Error(public(str(err)), print_exception=False) from None
             except gr.Error:
                 raise
             except Exception as err:
-                raise unexpected(err) from None
+                yield refuse(said(err))
 
         return gen
 
@@ -102,26 +102,59 @@ def user_errors(fn: Callable) -> Callable:
     def plain(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (StudioError, FusionError) as err:
-            raise gr.Error(public(str(err)), print_exception=False) from None
         except gr.Error:
             raise
         except Exception as err:
-            raise unexpected(err) from None
+            return refuse(said(err))
 
     return plain
 
 
-def unexpected(err: Exception) -> gr.Error:
+def api_errors(fn: Callable) -> Callable:
+    """For the API's endpoints: a refusal is the call's error, which a client reads."""
+
+    def refuse(line: str) -> Any:
+        raise gr.Error(line, print_exception=False)
+
+    return guarded(fn, refuse)
+
+
+def page_errors(fn: Callable) -> Callable:
+    """For the page's handlers: a refusal is one toast, and every output stays as it was
+    (a raised error would also put a red "Error" pill over each output of the event)."""
+
+    def refuse(line: str) -> Any:
+        gr.Warning(line)
+        return gr.skip()
+
+    return guarded(fn, refuse)
+
+
+def said(err: Exception) -> str:
+    """What a visitor is told about ``err``: the project's own message, or ``unexpected``'s line."""
+    if isinstance(err, (StudioError, FusionError)):
+        return public(str(err))
+    return unexpected(err)
+
+
+def unexpected(err: Exception) -> str:
     """A failure the project has no words for: the details (which may name server paths or
     library internals) go to the server log, the visitor gets one line. With
     ``launch(show_error=False)`` Gradio likewise hides the text of errors raised before a
     handler runs (an input it cannot preprocess)."""
     print(f"[studio] unexpected error: {type(err).__name__}: {err}", flush=True)
-    return gr.Error("The server could not do this; the problem is in its log. Try again, or another input.", print_exception=False)
+    return "The server could not do this; the problem is in its log. Try again, or another input."
 
 
-def preprocess_upload(payload: Any) -> str | None:
+@dataclass(frozen=True)
+class Refused:
+    """An upload the image input's preprocessing refused, with why: the handler says it (one
+    toast), since an error raised in preprocessing would mark every output of the event."""
+
+    why: str
+
+
+def preprocess_upload(payload: Any) -> str | Refused | None:
     """The chat image input's preprocessing, in place of Gradio's: the upload is handed over
     as a path without opening it (Gradio's own ``Image.open`` would decode what an ICO holds
     before any check). The file's size, format and shape are checked from its header
@@ -133,7 +166,7 @@ def preprocess_upload(payload: Any) -> str | None:
         refuse_data_url(getattr(payload, "url", None))
         return str(check_image_file(getattr(payload, "path", None)))
     except StudioError as err:
-        raise gr.Error(public(str(err)), print_exception=False) from None
+        return Refused(public(str(err)))
 
 
 def checked_image(**kwargs: Any) -> gr.Image:
@@ -201,9 +234,11 @@ class ChatTab:
         return [*self.reset_chats(), ""]
 
     @gpu
-    @user_errors
+    @page_errors
     def respond(self, message: str, histories: list[list[tuple[str, str]]], variant: str | None, *extra: Any) -> Any:
         image = extra[0] if self.image is not None else None
+        if isinstance(image, Refused):
+            raise StudioError(image.why)
         with_base = bool(extra[-1]) if self.with_base is not None else False
         histories = check_histories(histories, len(self.chats))
         text, stream = self.studio.chat(message, histories, image, image_required=self.image is not None, with_base=with_base, variant=variant)
@@ -321,13 +356,13 @@ def build(studio: Studio) -> gr.Blocks:
             default = studio.pair.default
             return [*refresh(), *variant_view(default), gr.Dropdown(value=default.name), *show_method(default.name, default.record["params"])]
 
-        @user_errors
+        @page_errors
         def show_method(name: Any, values: dict[str, Any] | None = None) -> list[Any]:
             """The chosen method's controls, at ``values`` (the fused recipe's) or the defaults."""
             own, values = method_params(check_method(name)), values or {}
             return [gr.update(visible=p.name in own, **({"value": values.get(p.name, own[p.name].default)} if p.name in own else {})) for p in params]
 
-        @user_errors
+        @page_errors
         def show_inner(name: Any, inner: Any) -> list[Any]:
             own = method_params(check_method(name), check_inner(inner))
             kept = {p.name for p in NEURON_FUSION_PARAMS}  # the user's Neuron-Fusion settings stay
@@ -340,7 +375,7 @@ def build(studio: Studio) -> gr.Blocks:
         demo.load(loaded, None, [*view_outputs, card, curve, located, chosen, *controls], queue=False, api_visibility="private")
 
         @gpu
-        @user_errors
+        @page_errors
         def refuse(request: gr.Request, name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
             """This visitor's own fused variant; everyone else keeps theirs (values are checked by
             the library: a name from the list, finite numbers in range, choices from their lists)."""
@@ -363,7 +398,7 @@ def build(studio: Studio) -> gr.Blocks:
         )
 
         @gpu
-        @user_errors
+        @page_errors
         def bench(n: Any, variant: str | None, progress: gr.Progress = gr.Progress()) -> list[Any]:
             """The probes for base, original and fused; the bar moves per batch of probes ("probes
             12/40 · LLaVA-1.5 (original)"). ``n`` is checked by the studio: a client sends anything."""
@@ -381,12 +416,12 @@ def build(studio: Studio) -> gr.Blocks:
             show_progress_on=[table],  # one progress bar, not one per output
         )
 
-        @user_errors
+        @api_errors
         def compare_text(message: str) -> dict:
             """Both models' answers to a text-only message, with behaviour labels."""
             return studio.compare(message)
 
-        @user_errors
+        @api_errors
         def compare_image(image: FileData, message: str) -> dict:
             """Both models' answers to a message about an image, with behaviour labels."""
             field = image.get if isinstance(image, dict) else lambda name: getattr(image, name, None)

@@ -107,7 +107,8 @@ def queue_call(url: str, api_name: str, data: list, session: str, timeout: float
     """Call any event handler of the running app the way a raw client can, hidden or not:
     ``POST /gradio_api/queue/join`` with its ``fn_index`` and a session hash of our choosing,
     then read the session's event stream until the call completes. Returns the completion
-    message (``{"success": bool, "output": {...}}``)."""
+    message (``{"success": bool, "output": {...}}``), with the warnings the handler showed
+    (``"warnings"``: a page handler's refusal is one, ``refusal``)."""
     with urllib.request.urlopen(f"{url}config", timeout=10) as r:
         dependencies = json.load(r)["dependencies"]
     fn_index = next(i for i, d in enumerate(dependencies) if d.get("api_name") == api_name)
@@ -116,16 +117,29 @@ def queue_call(url: str, api_name: str, data: list, session: str, timeout: float
     with urllib.request.urlopen(join, timeout=10) as r:
         json.load(r)
     deadline = time.monotonic() + timeout
+    warnings = []
     with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
         for raw in stream:
             line = raw.decode().strip()
             if line.startswith("data:"):
                 message = json.loads(line[len("data:"):])
+                if message.get("msg") == "log" and message.get("level") == "warning":
+                    warnings.append(message.get("log"))
                 if message.get("msg") == "process_completed":
-                    return message
+                    return {**message, "warnings": warnings}
             if time.monotonic() > deadline:
                 break
     raise TimeoutError(f"{api_name} did not complete in {timeout} s")
+
+
+def refusal(done: dict) -> str | None:
+    """What the app said instead of answering, if it refused: an API endpoint's error, or a
+    page handler's one warning (shown as one toast, every output left as it was)."""
+    if not done.get("success"):
+        return done["output"].get("error") or ""
+    warnings = done.get("warnings") or []
+    assert len(warnings) <= 1, warnings  # one toast per refusal
+    return warnings[0] if warnings else None
 
 
 class CliRun(NamedTuple):

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import RunningApp, running_app
+from conftest import RunningApp, refusal, running_app
 from studio.clients import PER_ADDRESS, UPLOAD_BYTES_PER_ADDRESS
 
 TEXT_CHAT = "respond_2"  # the Text chat tab's send (the Image chat's are respond and respond_1)
@@ -65,7 +65,7 @@ def call(
         return err.code, None
     if not listen:
         return 200, None
-    seen = 0
+    seen, warnings = 0, []
     request = urllib.request.Request(f"{url}gradio_api/queue/data?session_hash={session}", headers={"X-Forwarded-For": address})
     with urllib.request.urlopen(request, timeout=timeout) as stream:
         for raw in stream:
@@ -76,8 +76,10 @@ def call(
             seen += 1
             if abandon_after is not None and seen >= abandon_after:
                 return 200, None  # the connection closes here: the visitor left
+            if message.get("msg") == "log" and message.get("level") == "warning":
+                warnings.append(message.get("log"))
             if message.get("msg") == "process_completed":
-                return 200, message
+                return 200, {**message, "warnings": warnings}
     return 200, None
 
 
@@ -136,7 +138,7 @@ def test_icon_bombs(server, idle, record_property, tmp_path: Path) -> None:
         uploaded = httpx.post(f"{server.url}gradio_api/upload", files={"files": ("bomb.ico", bomb)}, headers={"X-Forwarded-For": f"192.0.2.{i}"}).json()[0]
         image = {"path": uploaded, "orig_name": "bomb.ico", "meta": {"_type": "gradio.FileData"}}
         _, done = call(server.url, "respond", ["What is this?", [[], []], None, image], f"bomb-{i}", f"192.0.2.{i}")
-        return done["output"]["error"]
+        return refusal(done) or ""
 
     for _ in range(2):
         with ThreadPoolExecutor(8) as pool:
@@ -165,7 +167,7 @@ def test_huge_history(server, record_property) -> None:
     _, done = call(server.url, TEXT_CHAT, ["What sound does a cow make?", [history, history, history], None, False], "history", VISITOR)
     seconds = time.perf_counter() - started
     report(record_property, "huge_history", answer_s=seconds)
-    assert done["success"] and seconds < 30
+    assert done["success"] and refusal(done) is None and seconds < 30
 
 
 def test_upload_burst(server, home, record_property) -> None:

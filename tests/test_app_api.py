@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
-from conftest import queue_call
+from conftest import queue_call, refusal
 from fusion.detectors import detect
 from fusion.presets import ASSETS, get_preset, probe_path
 from fusion.probes import load_probes
@@ -109,12 +109,12 @@ def test_one_visitors_fuse_changes_nobody_elses_model(app) -> None:
     assert done["success"], done
     assert "Fused with **ties**" in json.dumps(done["output"]["data"])
     refused = queue_call(app.url, "refuse", fuse_values("neu-p-taska", suppress=float("nan")), session="visitor-a")
-    assert not refused["success"] and "suppress" in json.dumps(refused)
+    assert "suppress" in (refusal(refused) or "")
     unknown = queue_call(app.url, "refuse", fuse_values("../../etc/passwd"), session="visitor-a")
-    assert not unknown["success"] and re.search(r"Unknown method|not in the list of choices", unknown["output"]["error"])
+    assert re.search(r"Unknown method|not in the list of choices", refusal(unknown) or "")
     for hostile in ([], None, 7):  # each refused in the project's words, never Python's ("unhashable type")
         odd = queue_call(app.url, "refuse", fuse_values(hostile), session="visitor-a")
-        assert not odd["success"] and re.search(r"Unknown method|not in the list of choices", odd["output"]["error"]), odd
+        assert re.search(r"Unknown method|not in the list of choices", refusal(odd) or ""), odd
     for client in (first, second):
         result = client.predict(question(), api_name="/compare_text")
         assert result["method"] == "neu-p-taska"
@@ -141,9 +141,9 @@ def test_a_thin_image_is_refused_quickly_in_little_memory(client: Client, app, t
 
 def test_the_image_input_opens_nothing_and_refuses_data_urls(tmp_path: Path) -> None:
     """The chat's image input as a hostile client feeds it: a data: URL (which Gradio would
-    decode before any check) and an icon holding a 9000×9000 PNG are refused in one line; a
+    decode before any check) and an icon holding a 9000×9000 PNG are refused in one line (the
+    handler says it, ``Refused``); a
     picture passes through as its path, unopened (the handler decodes it once)."""
-    import gradio as gr
     from gradio.data_classes import ImageData
     from PIL import Image
     from test_studio import ico_holding
@@ -151,14 +151,14 @@ def test_the_image_input_opens_nothing_and_refuses_data_urls(tmp_path: Path) -> 
     import app as app_module
 
     box = app_module.checked_image()
-    with pytest.raises(gr.Error, match="not as data: URLs"):
-        box.preprocess(ImageData(url="data:image/png;base64,iVBORw0KGgo="))
+    inline = box.preprocess(ImageData(url="data:image/png;base64,iVBORw0KGgo="))
+    assert isinstance(inline, app_module.Refused) and inline.why == "Images are accepted as uploaded files, not as data: URLs."
     big = BytesIO()
     Image.new("L", (9000, 9000)).save(big, "PNG")
     (tmp_path / "bomb.ico").write_bytes(ico_holding(big.getvalue()))
-    with pytest.raises(gr.Error, match="not an image this app can read") as refused:
-        box.preprocess(ImageData(path=str(tmp_path / "bomb.ico"), orig_name="bomb.ico"))
-    assert str(tmp_path) not in str(refused.value)  # no server path
+    refused = box.preprocess(ImageData(path=str(tmp_path / "bomb.ico"), orig_name="bomb.ico"))
+    assert isinstance(refused, app_module.Refused) and "not an image this app can read" in refused.why
+    assert str(tmp_path) not in refused.why  # no server path
     Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
     assert box.preprocess(ImageData(path=str(tmp_path / "ok.png"), orig_name="ok.png")) == str(tmp_path / "ok.png")
     assert box.preprocess(None) is None
@@ -181,8 +181,7 @@ def test_hostile_image_uploads_are_refused_unopened(app, tmp_path: Path) -> None
     sent = {"bomb.ico": {"path": uploaded, "orig_name": "bomb.ico", "meta": {"_type": "gradio.FileData"}}, "data: URL": {"url": "data:image/png;base64,iVBORw0KGgo=", "meta": {"_type": "gradio.FileData"}}}
     for name, image in sent.items():
         done = queue_call(app.url, "respond", ["What is this?", [[], []], None, image], session=f"hostile-{len(name)}")
-        assert not done["success"], name
-        assert re.fullmatch(r"The upload 'bomb\.ico' is not an image this app can read \(\w+\); send a PNG, JPEG, WebP, GIF or BMP\.|Images are accepted as uploaded files, not as data: URLs\.", done["output"]["error"])
+        assert re.fullmatch(r"The upload 'bomb\.ico' is not an image this app can read \(\w+\); send a PNG, JPEG, WebP, GIF or BMP\.|Images are accepted as uploaded files, not as data: URLs\.", refusal(done) or ""), name
     assert peak_rss_gib(app.pid) - before < 0.1
 
 
@@ -204,10 +203,9 @@ def test_no_server_path_or_internal_message_reaches_a_visitor(app, tmp_path: Pat
     ]
     root = str(Path(__file__).resolve().parent.parent)
     for done in replies:
-        assert not done["success"]
-        error = done["output"].get("error") or ""
-        assert "/" not in error.replace("data: URLs", "") and root not in json.dumps(done) and "Traceback" not in json.dumps(done), done
-    assert "truncated.jpg' is not an image this app can read" in replies[0]["output"]["error"]
+        error = refusal(done)
+        assert error is not None and "/" not in error.replace("data: URLs", "") and root not in json.dumps(done) and "Traceback" not in json.dumps(done), done
+    assert "truncated.jpg' is not an image this app can read" in refusal(replies[0])
     inline = queue_call(app.url, "compare_image", [{"url": "data:image/png;base64,iVBORw0KGgo=", "meta": {"_type": "gradio.FileData"}}, "What is this?"], session="paths-c")
     assert not inline["success"] and inline["output"]["error"] == "Images are accepted as uploaded files, not as data: URLs."
 

@@ -145,3 +145,19 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
         replies = [json.loads(line) for line in r.read().decode().splitlines()]
     assert len(replies) == 4 + 2 * 8 and {r["model"] for r in replies} == {"base", "tuned", "fused"}
     page.screenshot(path=str(tmp_path / "behaviour.png"), full_page=True)
+
+
+def test_a_refused_message_is_one_toast_and_no_error_pills(page) -> None:
+    """An empty message: one toast that says why, and no red "Error" over the outputs (a
+    raised error would mark each of the event's outputs); the chats stay as they were."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Text chat").click()
+    page.locator(".nf-send").locator("visible=true").click()
+    toasts = page.locator("[data-testid='toast-body']")
+    expect(toasts).to_have_count(1, timeout=10_000)
+    expect(toasts.first).to_contain_text("empty")
+    page.wait_for_timeout(1500)
+    expect(toasts).to_have_count(1)
+    expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+    expect(page.locator(".nf-column").locator("visible=true").locator("[data-testid='bot']")).to_have_count(0)
