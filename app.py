@@ -29,12 +29,12 @@ from gradio.data_classes import FileData  # noqa: E402
 from starlette.middleware import Middleware  # noqa: E402
 
 from fusion.errors import FusionError  # noqa: E402
-from fusion.plots import curve_figure, located_figure  # noqa: E402
-from fusion.presets import ASSETS, PRESETS, get_preset  # noqa: E402
+from fusion.plots import curve_figure, share_figure  # noqa: E402
+from fusion.presets import ASSETS, PRESETS, Preset, get_preset  # noqa: E402
 from fusion.probes import Probe  # noqa: E402
 from fusion.registry import METHOD_NAMES, NEURON_FUSION_PARAMS, Param  # noqa: E402
 from studio import StudioError  # noqa: E402
-from studio.behaviour import probe_count  # noqa: E402
+from studio.behaviour import probe_counts  # noqa: E402
 from studio.chat import check_histories, check_image_file, check_inner, check_method, refuse_data_url  # noqa: E402
 from studio.clients import UploadLedger, client_address, refusal  # noqa: E402
 from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
@@ -48,11 +48,14 @@ from studio.view import (  # noqa: E402
     example_images,
     example_prompts,
     format_progress,
+    fuse_note,
     highlighted,
     matching_probe,
     method_params,
     public,
     recipe_card,
+    recipe_label,
+    start_values,
     titles,
 )
 
@@ -76,6 +79,8 @@ CSS = """
 .nf-right { background: #bbf7d0; color: #14532d; }
 .nf-marked .label, .nf-marked .label-input { text-transform: none; }  /* a label reads as its badge does */
 .nf-wrong { background: #fecaca; color: #7f1d1d; }
+#nf-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }  /* a 64 px scene fills its box */
+#nf-image-examples img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; }
 """
 
 
@@ -195,13 +200,13 @@ class ChatTab:
         with gr.Row(equal_height=False):
             for i, name in enumerate(names):
                 with gr.Column(visible=i < 2, elem_classes=["nf-column"]) as column:
-                    self.chats.append(gr.Chatbot(label=name, render_markdown=False, height=340, elem_classes=["nf-chat"]))
+                    self.chats.append(gr.Chatbot(label=name, render_markdown=False, height=340, buttons=["copy_all"], elem_classes=["nf-chat"]))
                     self.badges.append(gr.HTML("", elem_classes=["nf-badges"]))
                     self.marked.append(gr.HighlightedText(label="Latest answer (behaviour highlighted)", color_map=COLOURS, combine_adjacent=True, elem_classes=["nf-marked"]))
                 self.columns.append(column)
         self.history = gr.State([[] for _ in names])
         with gr.Row():
-            self.message = gr.Textbox(placeholder="Ask both models…", show_label=False, scale=5, max_lines=6, elem_classes=["nf-message"])
+            self.message = gr.Textbox(label="Question", placeholder="Ask both models…", show_label=False, scale=5, max_lines=6, elem_classes=["nf-message"])
             self.send = gr.Button("Send", variant="primary", scale=1, elem_classes=["nf-send"])
             self.clear = gr.Button("Clear", scale=1)
         self.outputs = [*self.chats, *self.badges, *self.marked, self.history, self.message]
@@ -265,22 +270,172 @@ def control(p: Param) -> gr.components.Component:
     return gr.Number(value=p.default, **common)
 
 
+class FusionTab:
+    """The Fusion tab: a method and its settings, which start from the app's own recipe (and
+    come back to it when its method is picked again, or on reset); Fuse builds this visitor's
+    own variant; the recipe card and where visual tuning changed the pair show what it is."""
+
+    def __init__(self, studio: Studio, method: str, visitor: gr.State, fused_chats: list[gr.Chatbot]) -> None:
+        self.studio, self.params, self.fused_columns = studio, all_params(), len(fused_chats)
+        with gr.Row():
+            with gr.Column(scale=1):
+                self.chosen = gr.Dropdown(list(METHOD_NAMES), value=method, label="method", elem_id="nf-method")
+                self.controls = [control(p) for p in self.params]
+                with gr.Row():
+                    fuse = gr.Button("Fuse", variant="primary", elem_id="nf-fuse")
+                    back = gr.Button("Back to the app's recipe", elem_id="nf-reset")
+                self.note = gr.Markdown(elem_id="nf-fuse-note")
+            with gr.Column(scale=2):
+                self.card = gr.JSON(label="Recipe card")
+                self.curve = gr.Plot(label="Where tuning changed the language model: each layer and kind's neurons, sorted by change (log-log)", elem_id="nf-curve")
+                self.share = gr.Plot(label="Where the located neurons matter", elem_id="nf-share")
+        self.views = [self.card, self.curve, self.share]
+        inner = self.controls[[p.name for p in self.params].index("inner")]
+        self.chosen.input(self.show_method, self.chosen, self.controls, queue=False, api_visibility="private")
+        inner.input(self.show_inner, [self.chosen, inner], self.controls, queue=False, api_visibility="private")
+        back.click(self.reset, None, [self.chosen, *self.controls, self.note], queue=False, api_visibility="private")
+        fuse.click(
+            self.refuse,
+            [self.chosen, *self.controls],
+            [*self.views, self.note, *fused_chats, visitor],
+            concurrency_limit=1,
+            concurrency_id="fuse",
+            api_visibility="private",
+        )
+
+    def view(self, variant: Variant | None) -> list[Any]:
+        """Recipe card, change curves with the cut-off, and the located share per layer and kind."""
+        if self.studio.pair is None or variant is None:
+            return [None, None, None]
+        report, top_ratio, note = self.studio.change(variant)
+        return [recipe_card(self.studio.pair, variant), curve_figure(report, top_ratio, note), share_figure(report)]
+
+    def loaded(self) -> list[Any]:
+        """For ``demo.load``: the views, the method and controls, at the app's recipe once ready."""
+        if self.studio.pair is None:
+            return [*self.view(None), gr.update(), *self.show_method(self.chosen.value)]
+        default = self.studio.pair.default
+        return [*self.view(default), gr.Dropdown(value=default.name), *self.show_method(default.name)]
+
+    def _start(self, name: str, inner: str | None) -> dict[str, Any]:
+        if self.studio.pair is None:
+            return {p.name: p.default for p in method_params(name, inner).values()}
+        return start_values(name, inner, self.studio.pair.default)
+
+    @page_errors
+    def show_method(self, name: Any) -> list[Any]:
+        """The chosen method's controls, at the app's recipe if it is its method, else the defaults."""
+        values = self._start(check_method(name), None)
+        return [gr.update(visible=p.name in values, **({"value": values[p.name]} if p.name in values else {})) for p in self.params]
+
+    @page_errors
+    def show_inner(self, name: Any, inner: Any) -> list[Any]:
+        """Another inner method: its own parameters appear; the visitor's Neuron-Fusion settings stay."""
+        values = self._start(check_method(name), check_inner(inner))
+        kept = {p.name for p in NEURON_FUSION_PARAMS}
+        return [gr.update(visible=p.name in values, **({"value": values[p.name]} if p.name in values and p.name not in kept else {})) for p in self.params]
+
+    @page_errors
+    def reset(self) -> list[Any]:
+        default = self.studio.ready().default
+        line = f"Settings back to the app's recipe, **{recipe_label(default.name, default.recipe.params)}**; press Fuse to use it."
+        return [gr.Dropdown(value=default.name), *self.show_method(default.name), line]
+
+    @gpu
+    @page_errors
+    def refuse(self, request: gr.Request, name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
+        """This visitor's own fused variant; everyone else keeps theirs (values are checked by
+        the library: a name from the list, finite numbers in range, choices from their lists)."""
+        by_name = dict(zip((p.name for p in self.params), values))
+        name = check_method(name)
+        wanted = method_params(name, check_inner(by_name.get("inner")))
+        owner = f"{client_address(getattr(request.client, 'host', None), request.headers)}/{request.session_hash or ''}"  # whose variant it is
+        variant = self.studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)), owner=owner)
+        default = variant is self.studio.ready().default
+        return [*self.view(variant), fuse_note(variant, default), *(gr.Chatbot(label=variant.model.name) for _ in range(self.fused_columns)), None if default else variant.key]
+
+
+class BehaviourTab:
+    """The Behaviour tab: the preset's probes, drawn across the skills, asked to the base LLM,
+    the original and the visitor's fused model; the rates, a chart, where the fused model sits
+    among the baselines' sweeps, and every reply."""
+
+    def __init__(self, studio: Studio, preset: Preset, names: tuple[str, str, str], visitor: gr.State) -> None:
+        self.studio = studio
+        gr.Markdown(
+            "The preset's probes, drawn across every skill (the same ones each run), asked to the base LLM, the original and the "
+            "fused model: language accuracy; visual accuracy, and the same questions asked again with a blank image and with another "
+            "probe's image, so that a model that does not look cannot pass (*image-grounded*: right with its own image, not with the "
+            "blank or the other one); on text-only probes the Context-Hallucination and Not-Known rates; on yes/no questions about "
+            "objects that are not in the image the Object-Hallucination rate. Per-skill rates are under the table."
+        )
+        texts, images = probe_counts(preset)
+        with gr.Row():
+            self.texts = gr.Slider(1, texts, value=min(8, texts), step=1, label=f"text probes (of {texts}; fewer is faster)", elem_id="nf-bench-text")
+            self.images = gr.Slider(1, images, value=min(8, images), step=1, label=f"image probes (of {images})", elem_id="nf-bench-image")
+            run = gr.Button("Run probes", variant="primary", elem_id="nf-bench-run")
+        self.table = gr.Markdown("*No run yet: choose how many probes of each kind and press **Run probes**.*", elem_id="nf-bench-table")
+        with gr.Row():
+            chart = gr.Plot(label="Rates", elem_id="nf-bench-chart")
+            tradeoff = gr.Plot(label="Language vs image-grounded accuracy: this run among the baselines' sweeps", elem_id="nf-bench-tradeoff")
+        per_probe = gr.Dataframe(
+            headers=["image", "skill", "question", "expected", names[2], names[0], names[1]],  # the empty table's too
+            label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels, and for image probes its replies with a blank and with another image",
+            interactive=False,
+            wrap=True,
+            max_height=600,
+            column_widths=["11%", "7%", "14%", "8%", "20%", "20%", "20%"],  # image, skill, question, expected, then the three models' replies
+            elem_id="nf-bench-probes",
+        )
+        replies = gr.File(label="The replies, one JSON object a line", elem_id="nf-bench-replies")
+        # one Behaviour run at a time, in a slot of its own: long runs never hold the chats' model slots
+        run.click(
+            self.bench,
+            [self.texts, self.images, visitor],
+            [self.table, chart, tradeoff, per_probe, replies],
+            concurrency_limit=1,
+            concurrency_id="behaviour",
+            api_visibility="private",
+            show_progress_on=[self.table],  # one progress bar, not one per output
+        )
+
+    def loaded(self) -> list[Any]:
+        """For ``demo.load``: the sliders' bounds for the preset that did load (it may be the fallback)."""
+        if self.studio.pair is None:
+            return [gr.update(), gr.update()]
+        texts, images = probe_counts(self.studio.pair.preset)
+        return [
+            gr.Slider(maximum=texts, value=min(8, texts), label=f"text probes (of {texts}; fewer is faster)"),
+            gr.Slider(maximum=images, value=min(8, images), label=f"image probes (of {images})"),
+        ]
+
+    @gpu
+    @page_errors
+    def bench(self, texts: Any, images: Any, variant: str | None, progress: gr.Progress = gr.Progress()) -> list[Any]:
+        """The probes for base, original and fused; the bar moves per batch of probes ("probes
+        12/40 · LLaVA-1.5 (original)"). The counts are checked by the studio: a client sends anything."""
+        result = self.studio.bench(texts, images, lambda share, line: progress(share, desc=line), variant=variant)
+        return [result.table, result.chart, result.tradeoff, result.probes, str(result.replies)]
+
+
 def build(studio: Studio) -> gr.Blocks:
     preset = get_preset(studio.settings.preset if studio.settings.preset in PRESETS else FALLBACK_PRESET)
     method = studio.settings.method or preset.method
     names = titles(preset, method, preset.params if method == preset.method else None)
-    params = all_params()
 
     # uploads older than an hour are removed every hour, and all of them at shutdown
     with gr.Blocks(title="Neuron-Fusion Studio", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown("# Neuron-Fusion Studio\nLLaVA-1.5 forgets some of its base LLM's language skills; Neuron-Fusion (Locate-then-Merge) gives them back without training. Ask both and compare.")
+        gr.Markdown(
+            "# Neuron-Fusion Studio\nVisual instruction tuning makes a multimodal LLM forget some of its base LLM's language skills; "
+            "Neuron-Fusion (Locate-then-Merge) gives them back without training. Ask the tuned model and its fused version, and compare."
+        )
         status = gr.Markdown(elem_id="nf-status")
         timer = gr.Timer(1.0)
         visitor = gr.State(None)  # this session's fused variant: the key of its recipe (None: the default)
 
         with gr.Tab("Image chat"):
             with gr.Row():
-                image = checked_image(image_mode=None, label="Image", height=260, sources=["upload", "clipboard"])
+                image = checked_image(image_mode=None, label="Image", height=260, sources=["upload", "clipboard"], elem_id="nf-image")
             image_tab = ChatTab(studio, names[:2], image, None, visitor)
             gr.Examples([list(e) for e in example_images(preset)], [image, image_tab.message], elem_id="nf-image-examples", label="Examples: questions about objects that are not there")
 
@@ -288,46 +443,21 @@ def build(studio: Studio) -> gr.Blocks:
             with_base = gr.Checkbox(label=f"Also ask the base LLM ({preset.base_label})", value=False)
             text_tab = ChatTab(studio, names, None, with_base, visitor)
             with_base.change(lambda on: gr.Column(visible=on), with_base, text_tab.columns[2], queue=False, api_visibility="private")
-            gr.Examples([[q] for q in example_prompts(preset)], [text_tab.message], label="Examples: text-only questions (tuned MLLMs answer 'In the image…' or decline)")
-
-        with gr.Tab("Fusion"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    chosen = gr.Dropdown(list(METHOD_NAMES), value=method, label="method")
-                    controls = [control(p) for p in params]
-                    fuse_button = gr.Button("Fuse", variant="primary")
-                    fuse_note = gr.Markdown()
-                with gr.Column(scale=2):
-                    card = gr.JSON(label="Recipe card")
-                    curve = gr.Plot(label="Sorted per-neuron change scores, each layer and kind (log-log)")
-                    located = gr.Plot(label="Located neurons per layer and kind")
-
-        with gr.Tab("Behaviour"):
-            gr.Markdown(
-                "The preset's probe set, asked to the base LLM, the original and the fused model: language accuracy; visual accuracy, "
-                "and the same questions asked again with a blank image and with another probe's image, so that a model that does not "
-                "look cannot pass (*image-grounded*: right with its own image, not with the blank or the other one); on text-only "
-                "probes the Context-Hallucination and Not-Known rates; on yes/no questions about objects that are not in the image the "
-                "Object-Hallucination rate. Per-skill rates are under the table."
+            asked = example_prompts(preset)
+            gr.Examples(
+                [[q] for _, q in asked],
+                [text_tab.message],
+                example_labels=[f"{skill}: {q}" for skill, q in asked],
+                elem_id="nf-text-examples",
+                label="Examples, one per skill: text-only questions (tuned MLLMs answer 'In the image…' or decline)",
             )
-            most = probe_count(preset)
-            with gr.Row():
-                limit = gr.Slider(1, most, value=min(8, most), step=1, label="probes per set (fewer is faster)", elem_id="nf-bench-limit")
-                run = gr.Button("Run probes", variant="primary", elem_id="nf-bench-run")
-            table = gr.Markdown("*No run yet: choose how many probes of each kind and press **Run probes**.*", elem_id="nf-bench-table")
-            chart = gr.Plot(label="Rates")
-            per_probe = gr.Dataframe(
-                headers=["image", "skill", "question", "expected", names[2], names[0], names[1]],  # the empty table's too
-                label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels, and for image probes its replies with a blank and with another image",
-                interactive=False,
-                wrap=True,
-                max_height=600,
-                column_widths=["11%", "7%", "14%", "8%", "20%", "20%", "20%"],  # image, skill, question, expected, then the three models' replies
-                elem_id="nf-bench-probes",
-            )
-            replies = gr.File(label="The replies, one JSON object a line", elem_id="nf-bench-replies")
 
         fused_chats = [image_tab.chats[1], text_tab.chats[1]]
+        with gr.Tab("Fusion"):
+            fusion = FusionTab(studio, method, visitor, fused_chats)
+        with gr.Tab("Behaviour"):
+            behaviour_tab = BehaviourTab(studio, preset, names, visitor)
+
         labelled = [image_tab.chats[0], *fused_chats, text_tab.chats[0], text_tab.chats[2]]
 
         def refresh() -> list[Any]:
@@ -344,76 +474,12 @@ def build(studio: Studio) -> gr.Blocks:
         view_outputs = [status, *labelled, timer]
         timer.tick(refresh, None, view_outputs, queue=False, api_visibility="private", show_progress="hidden")
 
-        def variant_view(variant: Variant | None) -> list[Any]:
-            """Recipe card, change-score curves and located neurons of a fused variant."""
-            if studio.pair is None or variant is None:
-                return [None, None, None]
-            return [recipe_card(studio.pair, variant), curve_figure(variant.report), located_figure(variant.report)]
-
         def loaded() -> list[Any]:
-            if studio.pair is None:
-                return [*refresh(), *variant_view(None), gr.update(), *show_method(method)]
-            default = studio.pair.default
-            return [*refresh(), *variant_view(default), gr.Dropdown(value=default.name), *show_method(default.name, default.record["params"])]
+            return [*refresh(), *fusion.loaded(), *behaviour_tab.loaded()]
 
-        @page_errors
-        def show_method(name: Any, values: dict[str, Any] | None = None) -> list[Any]:
-            """The chosen method's controls, at ``values`` (the fused recipe's) or the defaults."""
-            own, values = method_params(check_method(name)), values or {}
-            return [gr.update(visible=p.name in own, **({"value": values.get(p.name, own[p.name].default)} if p.name in own else {})) for p in params]
-
-        @page_errors
-        def show_inner(name: Any, inner: Any) -> list[Any]:
-            own = method_params(check_method(name), check_inner(inner))
-            kept = {p.name for p in NEURON_FUSION_PARAMS}  # the user's Neuron-Fusion settings stay
-            return [gr.update(visible=p.name in own, **({"value": own[p.name].default} if p.name in own and p.name not in kept else {})) for p in params]
-
-        inner = controls[[p.name for p in params].index("inner")]
-        chosen.input(show_method, chosen, controls, queue=False, api_visibility="private")
-        inner.input(show_inner, [chosen, inner], controls, queue=False, api_visibility="private")
         # off the queue: a page must load even while the queue is full
-        demo.load(loaded, None, [*view_outputs, card, curve, located, chosen, *controls], queue=False, api_visibility="private")
-
-        @gpu
-        @page_errors
-        def refuse(request: gr.Request, name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
-            """This visitor's own fused variant; everyone else keeps theirs (values are checked by
-            the library: a name from the list, finite numbers in range, choices from their lists)."""
-            by_name = dict(zip((p.name for p in params), values))
-            name = check_method(name)
-            wanted = method_params(name, check_inner(by_name.get("inner")))
-            owner = f"{client_address(getattr(request.client, 'host', None), request.headers)}/{request.session_hash or ''}"  # whose variant it is
-            variant = studio.fuse_variant(name, {k: by_name.get(k) for k in wanted}, lambda p: progress(p.fraction, desc=format_progress(p)), owner=owner)
-            default = variant is studio.ready().default
-            note = "This is the default fused model." if default else f"Fused with **{name}** in memory in {variant.seconds:.1f} s; your fused columns now use it."
-            return [*variant_view(variant), note, *(gr.Chatbot(label=variant.model.name) for _ in fused_chats), None if default else variant.key]
-
-        fuse_button.click(
-            refuse,
-            [chosen, *controls],
-            [card, curve, located, fuse_note, *fused_chats, visitor],
-            concurrency_limit=1,
-            concurrency_id="fuse",
-            api_visibility="private",
-        )
-
-        @gpu
-        @page_errors
-        def bench(n: Any, variant: str | None, progress: gr.Progress = gr.Progress()) -> list[Any]:
-            """The probes for base, original and fused; the bar moves per batch of probes ("probes
-            12/40 · LLaVA-1.5 (original)"). ``n`` is checked by the studio: a client sends anything."""
-            result = studio.bench(n, lambda share, line: progress(share, desc=line), variant=variant)
-            return [result.table, result.chart, result.probes, str(result.replies)]
-
-        # one Behaviour run at a time, in a slot of its own: long runs never hold the chats' model slots
-        run.click(
-            bench,
-            [limit, visitor],
-            [table, chart, per_probe, replies],
-            concurrency_limit=1,
-            concurrency_id="behaviour",
-            api_visibility="private",
-            show_progress_on=[table],  # one progress bar, not one per output
+        demo.load(
+            loaded, None, [*view_outputs, *fusion.views, fusion.chosen, *fusion.controls, behaviour_tab.texts, behaviour_tab.images], queue=False, api_visibility="private"
         )
 
         @api_errors

@@ -97,7 +97,7 @@ def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
     bench.add_argument("--sweep", action="store_true", help="sweep each method's strength knob and plot the language-vs-visual trade-off")
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--limit", type=int, help="use only the first N text and N image probes (a quick look)")
+    bench.add_argument("--limit", type=int, help="ask N text and N image probes, drawn across the skills (a quick look)")
     return parser
 
 

@@ -198,8 +198,9 @@ def run_bench(
     log: Any = print,
 ) -> list[dict[str, Any]]:
     """Score base, tuned and each fused model; returns the rows also written to ``out``.
-    ``limit`` keeps the first N text and N image probes (a quick look)."""
-    probes = preset_probes(preset, limit)
+    ``limit`` asks N text and N image probes drawn across the skills (a quick look that still
+    covers every skill; ``fusion.probes.stratified``)."""
+    probes = preset_probes(preset, limit, limit)
     rows, records = [], []
 
     def add(kind: str, model: ChatModel, method: str | None = None, params: dict | None = None, label: str | None = None) -> None:

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from .neurons import NeuronKind, SliceSums, describe, kind_scores, layer_of, neu
 from .output import RECIPE_FILE as RECIPE_FILE  # part of this module's interface
 from .output import claim, json_text
 from .registry import Recipe, as_recipe, resolve
+from .report import located_share
 from .writer import Entry, ShardedWriter, plan_shards
 
 REPORT_FILE = "neuron_report.json"
@@ -475,15 +476,8 @@ def fuse(
     return FuseResult(slot.out, False, recorded, report, seconds)
 
 
-def located_share(kinds: Sequence[dict[str, Any]]) -> float:
-    """The share of the squared change that the located neurons of ``kinds`` hold (0 when
-    nothing changed)."""
-    total = sum(k["sum_sq"] for k in kinds)
-    return sum(k["located_sum_sq"] for k in kinds) / total if total else 0.0
-
-
 def inspect_pair(
-    tuned_ref: str, base_ref: str, params: dict[str, Any] | Recipe | None = None, *, allow_pickle: bool = True, allow_nonfinite: bool = False
+    tuned_ref: str | Checkpoint, base_ref: str | Checkpoint, params: dict[str, Any] | Recipe | None = None, *, allow_pickle: bool = True, allow_nonfinite: bool = False
 ) -> dict[str, Any]:
     """Neuron-Locate over a whole pair without merging: per layer and kind, how many neurons,
     how many located, score quantiles and the sorted score curve (``python -m fusion inspect``).

@@ -8,14 +8,16 @@ the app's Behaviour tab."""
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from .output import write_whole
-from .report import RATES
+from .report import RATES, located_share
 
 
 def save_figure(figure: Figure, path: str | Path) -> None:
@@ -25,6 +27,7 @@ def save_figure(figure: Figure, path: str | Path) -> None:
     figure.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png")
     write_whole(path, buffer.getvalue())
 
+
 def _empty(message: str) -> Figure:
     fig = Figure(figsize=(6, 3.6), dpi=100)
     ax = fig.subplots()
@@ -33,51 +36,88 @@ def _empty(message: str) -> Figure:
     return fig
 
 
-def curve_figure(report: Sequence[dict[str, Any]]) -> Figure:
-    """Each layer and neuron kind's change scores, sorted, on log-log axes: a power law shows
-    as a straight line, and the located few are the steep head."""
+# One colour per neuron kind, the same in every figure (app and CLI); a kind not named here
+# (another family's) gets one from the palette by its name, so it too keeps it everywhere.
+KIND_COLOURS = {
+    "ffn": "#d62728",
+    "attn_q": "#1f77b4",
+    "attn_k": "#17becf",
+    "attn_v": "#9467bd",
+    "attn_o": "#8c564b",
+    "input_layernorm": "#2ca02c",
+    "post_attention_layernorm": "#bcbd22",
+    "embed_tokens": "#ff7f0e",
+    "lm_head": "#e377c2",
+    "norm": "#7f7f7f",
+}
+_PALETTE = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
+
+
+def kind_colour(kind: str) -> str:
+    return KIND_COLOURS.get(kind) or _PALETTE[zlib.crc32(kind.encode()) % len(_PALETTE)]
+
+
+def _share_line(report: Sequence[dict[str, Any]]) -> str:
+    layers = [r for r in report if r["layer"] is not None]
+    inside = f"{100 * located_share(layers):.1f}% of the squared change inside the layers, " if layers else ""
+    return f"the located neurons hold {inside}{100 * located_share(report):.1f}% overall"
+
+
+def curve_figure(report: Sequence[dict[str, Any]], top_ratio: float | None = None, note: str = "") -> Figure:
+    """Each layer and kind's change scores, sorted, against the rank as a share of the kind's
+    neurons, on log-log axes: a power law shows as a straight line, and ``top_ratio`` (the
+    located share, marked) cuts off the steep head in every curve at once. The title says how
+    much of the change the located neurons hold: the heavy tail the method relies on; ``note``
+    goes above it."""
     if not report:
-        return _empty("This method does not locate neurons: no change scores to show.")
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+        return _empty("No neurons to show: the pair's change report is empty.")
+    fig = Figure(figsize=(8.6, 4.6), dpi=100, layout="constrained")
     ax = fig.subplots()
-    kinds = list(dict.fromkeys(r["kind"] for r in report))
-    colours = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
     for r in report:
-        points = [(rank, s) for rank, s in r["curve"] if s > 0]
+        points = [(rank / r["neurons"], s) for rank, s in r["curve"] if s > 0]
         if points:
-            ax.plot(*zip(*points), color=colours[r["kind"]], alpha=0.6, lw=1)
-    for k in kinds:
-        ax.plot([], [], color=colours[k], label=k)
+            ax.plot(*zip(*points), color=kind_colour(r["kind"]), alpha=0.6, lw=1)
+    for kind in dict.fromkeys(r["kind"] for r in report):
+        ax.plot([], [], color=kind_colour(kind), label=kind)
+    if top_ratio:
+        ax.axvline(top_ratio, color="black", ls="--", lw=1.2, label=f"cut-off: top {100 * top_ratio:g}% located")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("neuron rank (by change)")
+    ax.set_xlabel("neuron rank by change, as a share of its layer and kind")
     ax.set_ylabel("change score")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    ax.set_title("\n".join(filter(None, [note, _share_line(report).capitalize()])), fontsize=9)
+    fig.legend(fontsize=7, loc="outside right upper")  # beside the axes, never over the curves; the layout makes room
     return fig
 
 
-def located_figure(report: Sequence[dict[str, Any]]) -> Figure:
-    """Per layer, how many neurons of each kind were located (kept at their tuned values);
-    kinds outside the layers (embeddings, final norm, lm_head) stand at the right."""
+def share_figure(report: Sequence[dict[str, Any]]) -> Figure:
+    """Where the located neurons matter: per layer (columns) and kind (rows), the share of
+    that cell's squared change its located neurons hold, as a heat map with the value in each
+    cell. Kinds outside the layers (embeddings, final norm, lm_head) stand in the last column.
+    A cell where the kind has no neurons is left blank."""
     if not report:
-        return _empty("This method does not locate neurons.")
+        return _empty("No neurons to show: the pair's change report is empty.")
     layers = sorted({r["layer"] for r in report if r["layer"] is not None})
-    slots = [str(layer) for layer in layers] + (["other"] if any(r["layer"] is None for r in report) else [])
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    columns = [str(layer) for layer in layers] + (["outside"] if any(r["layer"] is None for r in report) else [])
+    kinds = list(dict.fromkeys(r["kind"] for r in report))
+    grid = np.full((len(kinds), len(columns)), np.nan)
+    for r in report:
+        column = columns.index("outside" if r["layer"] is None else str(r["layer"]))
+        if r["sum_sq"] > 0:
+            grid[kinds.index(r["kind"]), column] = r["located_sum_sq"] / r["sum_sq"]
+    fig = Figure(figsize=(8.6, 1.4 + 0.36 * len(kinds)), dpi=100, layout="constrained")
     ax = fig.subplots()
-    bottom = [0] * len(slots)
-    for kind in dict.fromkeys(r["kind"] for r in report):
-        heights = [0] * len(slots)
-        for r in report:
-            if r["kind"] == kind:
-                heights[slots.index("other" if r["layer"] is None else str(r["layer"]))] += r["located"]
-        ax.bar(slots, heights, bottom=bottom, label=kind)
-        bottom = [b + h for b, h in zip(bottom, heights)]
+    image = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for (row, column), value in np.ndenumerate(grid):
+        if not np.isnan(value):
+            ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7, color="white" if value < 0.6 else "black")
+    ax.set_xticks(range(len(columns)), columns, fontsize=8)
+    ax.set_yticks(range(len(kinds)), kinds, fontsize=8)
+    for label in ax.get_yticklabels():
+        label.set_color(kind_colour(label.get_text()))
     ax.set_xlabel("layer")
-    ax.set_ylabel("neurons located")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    ax.set_title("Share (%) of each layer and kind's squared change held by its located neurons", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.01)
     return fig
 
 
@@ -113,11 +153,13 @@ def bench_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     return fig
 
 
-def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str, marked: Sequence[dict[str, Any]] = ()) -> Figure:
     """A sweep's language accuracy against image-grounded accuracy (the visual skill that
     needs the picture; ``fusion.controls``): one line per method and knob, the tuned model as
-    a star, the base's language accuracy as a dashed line (what fusion aims back at)."""
-    fig = Figure(figsize=(7, 5.2), dpi=110)
+    a star, the base's language accuracy as a dashed line (what fusion aims back at).
+    ``marked``: bench rows drawn over it as large points with their labels (the app's
+    Behaviour run: the tuned model and the visitor's variant as this run measured them)."""
+    fig = Figure(figsize=(9.5, 5.2), dpi=110, layout="constrained")
     ax = fig.subplots()
     for method, knob in dict.fromkeys((r["method"], r["knob"]) for r in rows if r["model"] == "fused"):
         pts = sorted((r for r in rows if r["method"] == method and r["knob"] == knob), key=lambda r: r["value"])
@@ -127,10 +169,12 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
             ax.plot(100 * r["grounded_accuracy"], 100 * r["language_accuracy"], "k*", markersize=12, label="tuned")
         if r["model"] == "base":
             ax.axhline(100 * r["language_accuracy"], color="grey", ls="--", lw=1, label="base language accuracy")
+    for row, marker in zip(marked, ("^", "D", "s", "P")):
+        if row.get("grounded_accuracy") is not None:
+            ax.plot(100 * row["grounded_accuracy"], 100 * row["language_accuracy"], marker, markersize=11, mec="black", label=row["label"])
     ax.set_xlabel("image-grounded visual accuracy (%)")
     ax.set_ylabel("language accuracy (%)")
     ax.set_ylim(-3, 105)
-    ax.set_title(f"Language vs visual trade-off: {title}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.set_title(f"Language vs visual trade-off: {title}", fontsize=10)
+    fig.legend(fontsize=7, loc="outside right upper")  # beside the axes, never over the points; the layout makes room
     return fig

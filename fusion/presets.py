@@ -6,6 +6,7 @@ hub ids (their bases checked against the model cards); ``pocket`` is the bundled
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Preset:
     method: str
     params: dict[str, Any] = field(default_factory=dict)
     probes: str = "llava-1.5.json"
+    sweep: str = ""  # a sweep's rows under assets (``python -m fusion eval --sweep``), for the app's trade-off plot
     note: str = ""
     label: str = "LLaVA-1.5"
     base_label: str = "Vicuna"
@@ -77,6 +79,7 @@ PRESETS: dict[str, Preset] = {
             str(ASSETS / "pocket" / "base"),
             "neu-p-taska",
             probes="pocket.json",
+            sweep="pocket/sweep.json",
             note="A bundled tiny Vicuna/LLaVA pair trained on a made-up world (assets/pocket); runs offline on a CPU in seconds. It knows the capitals and languages of 40 invented countries (Zolbisia, Kerisia, ...), opposites, one-digit sums and differences, plurals, past tenses, animal sounds, the colours of things and which day or month comes next; its pictures are coloured circles, squares and triangles on a 3x3 grid. A question from outside that world gets an answer from inside it.",
             label="Pocket-LLaVA",
             base_label="Pocket-Vicuna",
@@ -94,3 +97,18 @@ def get_preset(name: str) -> Preset:
 
 def probe_path(preset: Preset) -> Path:
     return ASSETS / "probes" / preset.probes
+
+
+def preset_sweep(preset: Preset) -> list[dict[str, Any]] | None:
+    """The rows of the sweep the preset ships (None if it ships none): each method along its
+    strength knob, with the base and the tuned model, on the whole probe set."""
+    if not preset.sweep:
+        return None
+    path = ASSETS / preset.sweep
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise FusionError(f"{path}: not a readable sweep ({type(err).__name__}: {err})") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise FusionError(f"{path}: not a sweep (a JSON list of bench rows)")
+    return rows

@@ -7,8 +7,11 @@ beside the set, or pocket-world scenes drawn on load.
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +57,30 @@ def load_probes(path: Path) -> tuple[list[Probe], list[Probe]]:
     return text, visual
 
 
-def preset_probes(preset: Preset, limit: int | None = None) -> Probes:
-    """A preset's probe set: the first ``limit`` text and image probes (all by default), and
-    the folder its image files are relative to."""
+def stratified(probes: Sequence[Probe], count: int | None, seed: int = 0) -> list[Probe]:
+    """``count`` of ``probes`` drawn across their skills in turn (each skill's probes in an
+    order shuffled by ``seed``, then one of each skill per round, skills in the order they
+    first appear), so that a short run asks every skill rather than the file's first one.
+    All of them, in the file's order, when ``count`` is None or not smaller. The same seed
+    draws the same probes."""
+    if count is None or count >= len(probes):
+        return list(probes)
+    rng = random.Random(seed)
+    by_skill: dict[str, list[Probe]] = {}
+    for probe in probes:
+        by_skill.setdefault(probe.skill, []).append(probe)
+    for group in by_skill.values():
+        rng.shuffle(group)
+    rounds = itertools.zip_longest(*by_skill.values())
+    return [probe for round_ in rounds for probe in round_ if probe is not None][:count]
+
+
+def preset_probes(preset: Preset, text: int | None = None, visual: int | None = None, seed: int = 0) -> Probes:
+    """A preset's probe set: ``text`` text-only and ``visual`` image probes drawn across the
+    skills (``stratified``; all by default), and the folder its image files are relative to."""
     path = probe_path(preset)
-    text, visual = load_probes(path)
-    return text[:limit], visual[:limit], path.parent
+    every_text, every_visual = load_probes(path)
+    return stratified(every_text, text, seed), stratified(every_visual, visual, seed), path.parent
 
 
 def probe_image(probe: Probe, root: Path) -> Image.Image:

@@ -1,6 +1,6 @@
 """The behaviour bench as text: the rates of each model as a Markdown table (and per skill),
 every probe with each model's replies as a table people can scan, and the replies as JSON
-lines. The bench
+lines; and how much of a pair's change its located neurons hold. The bench
 (``fusion.evaluate``) measures, ``fusion.plots`` draws; the CLI and the app show these."""
 
 from __future__ import annotations
@@ -22,6 +22,14 @@ RATES = {
 }
 # The image controls' replies, as the per-probe table names them.
 CONTROL_NAMES = {"blank": "blank image", "other": "other image"}
+
+
+def located_share(kinds: Sequence[dict[str, Any]]) -> float:
+    """The share of the squared change that the located neurons of ``kinds`` (Neuron-Locate's
+    report, ``fusion.neurons.describe``) hold; 0 when nothing changed. The paper's heavy tail:
+    a few neurons hold much of the change."""
+    total = sum(k["sum_sq"] for k in kinds)
+    return sum(k["located_sum_sq"] for k in kinds) / total if total else 0.0
 
 
 def percent(value: float | None) -> str:

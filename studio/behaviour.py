@@ -22,8 +22,8 @@ from matplotlib.figure import Figure
 
 from fusion.evaluate import answer_count, bench_model
 from fusion.inference import ChatModel
-from fusion.plots import bench_figure
-from fusion.presets import Preset
+from fusion.plots import bench_figure, tradeoff_figure
+from fusion.presets import Preset, preset_sweep
 from fusion.probes import preset_probes
 from fusion.report import jsonl, markdown_table, per_probe_table
 
@@ -47,22 +47,24 @@ class BehaviourRun:
     table: str  # the rates as Markdown
     probes: dict[str, list]  # the per-probe table, {"headers", "data"}
     chart: Figure
+    tradeoff: Figure  # language vs image-grounded accuracy, among the preset's sweep
     replies: Path  # the records as JSON lines, to download
 
 
-def probe_count(preset: Preset) -> int:
-    """How many probes of one kind the preset has at most: the largest limit the tab offers."""
+def probe_counts(preset: Preset) -> tuple[int, int]:
+    """How many text and image probes the preset has: the largest limits the tab offers."""
     text, visual, _ = preset_probes(preset)
-    return max(len(text), len(visual))
+    return len(text), len(visual)
 
 
-def check_limit(value: Any, preset: Preset) -> int:
-    """``value`` as the number of probes per kind to ask, or a StudioError naming it. It comes
-    from a client, which may send anything: a string, NaN, 1e9, a fraction."""
-    most = probe_count(preset)
+def check_limit(value: Any, preset: Preset, kind: str) -> int:
+    """``value`` as the number of ``kind`` ("text" or "image") probes to ask, or a
+    StudioError naming it. It comes from a client, which may send anything: a string, NaN,
+    1e9, a fraction."""
+    most = dict(zip(("text", "image"), probe_counts(preset)))[kind]
     number = float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
     if not (math.isfinite(number) and number.is_integer() and 1 <= number <= most):
-        raise StudioError(f"The number of probes must be a whole number from 1 to {most}, not {str(value)[:40]!r}.")
+        raise StudioError(f"The number of {kind} probes must be a whole number from 1 to {most}, not {str(value)[:40]!r}.")
     return int(number)
 
 
@@ -93,10 +95,11 @@ def reply_file(name: str) -> Path:
     return Path(tempfile.mkdtemp(dir=REPLIES_DIR)) / name
 
 
-def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, progress: BenchProgress | None = None) -> BehaviourRun:
-    """The first ``limit`` text and image probes of the pair's preset, asked to ``base`` (text
-    only: it cannot see images), the original MLLM and the visitor's fused ``variant``."""
-    probes = preset_probes(pair.preset, check_limit(limit, pair.preset))
+def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, text: Any, visual: Any, progress: BenchProgress | None = None) -> BehaviourRun:
+    """``text`` text-only and ``visual`` image probes of the pair's preset, drawn across the
+    skills with a fixed seed (the same probes every run), asked to ``base`` (text only: it
+    cannot see images), the original MLLM and the visitor's fused ``variant``."""
+    probes = preset_probes(pair.preset, check_limit(text, pair.preset, "text"), check_limit(visual, pair.preset, "image"))
     original_title, fused_title, base_title = titles(pair.preset, variant.name, variant.record.get("params"))
     models = [
         ("base", base, None, None, base_title),
@@ -113,4 +116,17 @@ def run_behaviour(pair: Pair, variant: Variant, base: ChatModel, limit: Any, pro
     path = reply_file(f"behaviour-{pair.preset.name}.jsonl")
     path.with_suffix(".part").write_text(jsonl(records))
     path.with_suffix(".part").replace(path)  # whole or not at all
-    return BehaviourRun(rows, records, markdown_table(rows), per_probe_table(records), bench_figure(rows, pair.preset.name), path)
+    counts = f"{len(probes[0])} text and {len(probes[1])} image probes"
+    return BehaviourRun(
+        rows, records, markdown_table(rows), per_probe_table(records), bench_figure(rows, pair.preset.name), tradeoff(pair.preset, rows[1:], counts), path
+    )
+
+
+def tradeoff(preset: Preset, measured: list[dict[str, Any]], counts: str) -> Figure:
+    """Language against image-grounded accuracy: the tuned model and the visitor's variant as
+    measured in this run, among the preset's shipped sweep (the base, the tuned model and
+    each method along its strength knob, on the whole probe set: ``python -m fusion eval
+    --sweep``), or alone where the preset ships none."""
+    sweep = preset_sweep(preset)
+    title = preset.name if sweep else f"{preset.name} (no sweep shipped: python -m fusion eval --preset {preset.name} --sweep)"
+    return tradeoff_figure(sweep or [], title, marked=[{**row, "label": f"{row['label']} (this run: {counts})"} for row in measured])

@@ -6,9 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from fusion.cli import parse_sets
 
 FALLBACK_PRESET = "pocket"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -36,6 +38,7 @@ class Settings:
     queue_size: int = 32
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_variants: int = 4
+    params: Mapping[str, str] = field(default_factory=dict)  # --set: the start recipe's parameters (None: the preset's)
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ, cuda: bool | None = None) -> Settings:
@@ -59,6 +62,14 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         default=int(env.get("NF_MAX_VARIANTS") or 4),
         help="visitors' fused variants kept in memory at most, besides the default (env NF_MAX_VARIANTS); 0: no Fuse",
     )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=(env.get("NF_SET") or "").split(),
+        metavar="NAME=VALUE",
+        help="a parameter of the method the app fuses with at start (repeatable; env NF_SET='suppress=0.3 top_ratio=0.1'); visitors start from this recipe",
+    )
     args = parser.parse_args(argv)
     return Settings(
         args.preset,
@@ -69,4 +80,5 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         max(1, args.queue_size),
         max(1, args.max_new_tokens),
         max(0, args.max_variants),
+        parse_sets(args.sets),
     )

@@ -16,7 +16,7 @@ import torch
 from fusion.checkpoint import open_checkpoint
 from fusion.errors import FusionError
 from fusion.inference import ChatModel
-from fusion.merge import MergeStream, Progress, resolve_device
+from fusion.merge import MergeStream, Progress, inspect_pair, resolve_device
 from fusion.presets import Preset, get_preset
 from fusion.registry import resolve
 
@@ -25,7 +25,7 @@ from .behaviour import BehaviourRun, BenchProgress, check_limit, run_behaviour
 from .chat import answer_budget, ask, ask_stream, check_message, check_method, fit_history, load_image, merge_streams
 from .settings import FALLBACK_PRESET, Settings
 from .variants import Pair, Variant, VariantStore, build_variant
-from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, titles
+from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, recipe_label, titles
 
 
 @dataclass
@@ -81,6 +81,8 @@ class Studio:
         self.pair: Pair | None = None
         self.store = VariantStore(settings.max_variants, 0)  # sized once the models are loaded
         self._base: ChatModel | None = None
+        self._change: list[dict[str, Any]] | None = None  # the pair's change report, for methods that locate nothing
+        self._change_lock = threading.Lock()
         self._lock = threading.Lock()
         self.device = resolve_device(settings.device)
         self.load_4bit = settings.load_4bit and not bitsandbytes_missing()
@@ -101,8 +103,10 @@ class Studio:
         for name in names:
             try:
                 preset = get_preset(name)
-                method = self.settings.method if name == self.settings.preset and self.settings.method else preset.method
-                self.pair = self._load_pair(preset, method)
+                asked = name == self.settings.preset  # a fallback preset runs its own recipe
+                method = self.settings.method if asked and self.settings.method else preset.method
+                params = dict(self.settings.params) if asked and self.settings.params else (preset.params if method == preset.method else {})
+                self.pair = self._load_pair(preset, method, params)
             except Exception as err:  # the app's boundary: any failure becomes a message
                 message = explain_load_error(name, err)
                 self.log(message)
@@ -110,7 +114,8 @@ class Studio:
                 continue
             self.store.max_bytes = memory_budget(self.device)
             self.status.seconds = time.perf_counter() - self.started
-            how = f"{method}, 4-bit nf4" if self.load_4bit else method
+            recipe = recipe_label(method, self.pair.default.recipe.params)
+            how = f"{recipe}, 4-bit nf4" if self.load_4bit else recipe
             self.status.state = "ready"
             self.status.message = f"ready: {preset.label} and its base {preset.base_label}, fused with {how} (preset {name}) in {self.status.seconds:.1f} s"
             self.log(self.status.message)
@@ -131,8 +136,8 @@ class Studio:
         dtype = torch.float16 if self.device.type == "cuda" else None
         return ChatModel.load(path, multimodal, device=str(self.device), dtype=dtype, load_4bit=self.load_4bit, name=name)
 
-    def _load_pair(self, preset: Preset, method: str) -> Pair:
-        recipe = resolve(method, preset.params if method == preset.method else {})
+    def _load_pair(self, preset: Preset, method: str, params: Mapping[str, Any]) -> Pair:
+        recipe = resolve(method, dict(params))
         title_original = titles(preset, method)[0]
         self.status.message = f"loading {title_original}"
         self.log(f"[studio] loading {preset.tuned}, then fusing it toward {preset.base} with {method}")
@@ -206,6 +211,21 @@ class Studio:
             )
         return found
 
+    def change(self, variant: Variant) -> tuple[list[dict[str, Any]], float, str]:
+        """Where visual tuning changed the pair, for the Fusion tab's plots: Neuron-Locate's
+        report, the located share and a note. A Neuron-Fusion variant's own; for a method that
+        locates nothing (TIES, task arithmetic, ...) the pair's change belongs to the pair, not
+        the method: it is located once with Neuron-Fusion's defaults and kept."""
+        if variant.report:
+            return variant.report, float(variant.recipe.params["top_ratio"]), ""
+        pair = self.ready()
+        recipe = resolve("neuron_fusion")
+        with self._change_lock:
+            if self._change is None:
+                self._change = inspect_pair(*pair.checkpoints, recipe)["kinds"]
+        note = f"{variant.name} locates no neurons: this is the pair's own change, cut off where Neuron-Fusion's defaults would."
+        return self._change, float(recipe.params["top_ratio"]), note
+
     # asking
 
     def compare(self, message: str, image_path: str | Path | None = None, *, image_required: bool = False) -> dict[str, Any]:
@@ -257,11 +277,12 @@ class Studio:
 
     # the Fusion and Behaviour tabs
 
-    def bench(self, limit: Any, progress: BenchProgress | None = None, *, variant: str | None = None) -> BehaviourRun:
-        """The Behaviour tab: the first ``limit`` probes of each kind (as a client sent it) for
-        the base LLM, the original and the visitor's fused variant (``studio.behaviour``)."""
+    def bench(self, text: Any, visual: Any, progress: BenchProgress | None = None, *, variant: str | None = None) -> BehaviourRun:
+        """The Behaviour tab: ``text`` text-only and ``visual`` image probes (as a client sent
+        them) for the base LLM, the original and the visitor's fused variant (``studio.behaviour``)."""
         pair = self.ready()
-        check_limit(limit, pair.preset)  # before the base LLM loads: a bad value costs nothing
+        check_limit(text, pair.preset, "text")  # before the base LLM loads: a bad value costs nothing
+        check_limit(visual, pair.preset, "image")
         fused = self.variant(variant)
         with self.store.using(fused):
-            return run_behaviour(pair, fused, self.base(), limit, progress)
+            return run_behaviour(pair, fused, self.base(), text, visual, progress)

@@ -38,12 +38,17 @@ def public(text: str) -> str:
 BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known", "object_hallucination": "Object-Hallucination"}
 
 
-def recipe_label(method: str, params: Mapping[str, Any] | None = None) -> str:
-    """The method as chosen and the settings that differ from its defaults, as a visitor reads
-    them: 'neu-p-taska', 'ties · density 0.5'. ``params`` may be a recipe's full parameters."""
+def changed_settings(method: str, params: Mapping[str, Any] | None = None) -> list[str]:
+    """The settings of ``method`` with ``params`` (a recipe's full parameters, or some) that
+    differ from its defaults, as a visitor reads them: ['density 0.5']."""
     chosen, defaults = resolve(method, dict(params or {})).params, resolve(method).params
-    changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if defaults.get(k) != v]
-    return " · ".join([method, *changed])
+    return [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if defaults.get(k) != v]
+
+
+def recipe_label(method: str, params: Mapping[str, Any] | None = None) -> str:
+    """The method as chosen and the settings that differ from its defaults: 'neu-p-taska',
+    'ties · density 0.5'."""
+    return " · ".join([method, *changed_settings(method, params)])
 
 
 def fused_title(preset: Preset, method: str, params: Mapping[str, Any] | None = None) -> str:
@@ -138,20 +143,31 @@ def method_params(method: str, inner: str | None = None) -> dict[str, Param]:
     return {p.name: p for p in schema(method, inner if resolve(method).spec.locates_neurons else None)}
 
 
+def start_values(method: str, inner: str | None, start: Variant) -> dict[str, Any]:
+    """The values ``method``'s controls start from (with ``inner`` its inner method; None: the
+    one it would use): the ``start`` variant's settings (the app's own recipe) where the
+    visitor picks its method and inner method, each parameter's default elsewhere. So picking
+    the app's method again, or pressing reset, brings its recipe back."""
+    used = dict(start.recipe.params)
+    inner = inner if inner is not None else (used.get("inner") if method == start.name else None)
+    same = method == start.name and inner == used.get("inner")
+    return {name: used[name] if same and name in used else p.default for name, p in method_params(method, inner).items()}
+
+
 @functools.lru_cache(maxsize=8)
 def _probes(preset_name: str) -> Probes:
     """The preset's probe set, read once: every chat message asks ``matching_probe``."""
     return preset_probes(get_preset(preset_name))
 
 
-def example_prompts(preset: Preset, n: int = 6) -> list[str]:
-    """Text-only questions from the preset's probe set, one per skill: the ones a tuned MLLM
-    tends to answer with "In the image ..." or "I don't know"."""
+def example_prompts(preset: Preset) -> list[tuple[str, str]]:
+    """(skill, question): a text-only question from the preset's probe set for each of its
+    skills, the ones a tuned MLLM tends to answer with "In the image ..." or "I don't know"."""
     text, _, _ = _probes(preset.name)
     by_skill: dict[str, str] = {}
     for p in text:
         by_skill.setdefault(p.skill, p.question)
-    return list(by_skill.values())[:n]
+    return list(by_skill.items())
 
 
 def example_images(preset: Preset, n: int = 4) -> list[tuple[str, str]]:
@@ -209,6 +225,16 @@ def object_presence(preset: Preset, image_path: str | Path | None, question: str
     only the probe set knows. None when unknown."""
     probe = matching_probe(preset, image_path, question) if image_path else None
     return probe.object_present if probe is not None else None
+
+
+def fuse_note(variant: Variant, default: bool) -> str:
+    """What the Fuse button says it made: the recipe, how long it took, and which settings
+    differ from the method's defaults."""
+    if default:
+        return f"This is the app's own fused model, **{recipe_label(variant.name, variant.recipe.params)}**: your fused columns use it."
+    changed = changed_settings(variant.name, variant.recipe.params)
+    differs = f"Settings that differ from the defaults: {', '.join(changed)}." if changed else "Every setting is at its default."
+    return f"Fused with **{variant.name}** in memory in {variant.seconds:.1f} s; your fused columns now use it. {differs}"
 
 
 def recipe_card(pair: Pair, variant: Variant) -> dict[str, Any]:

@@ -153,7 +153,7 @@ def test_behaviour_flood(server, record_property) -> None:
     """Forty Behaviour runs from forty sessions of one address: at most the address's share
     gets in; a second visitor is answered meanwhile. (Runs of 8 probes, so that the admitted
     ones finish within a minute in the background; the bound does not depend on their size.)"""
-    statuses = [call(server.url, "bench", [8, None], f"flood-{i}", STRANGER, listen=False)[0] for i in range(40)]
+    statuses = [call(server.url, "bench", [8, 8, None], f"flood-{i}", STRANGER, listen=False)[0] for i in range(40)]
     latency = visitor_latency(server, "flood")
     report(record_property, "behaviour_flood", admitted=statuses.count(200), refused=statuses.count(400), visitor_s=latency)
     assert statuses.count(200) <= PER_ADDRESS and statuses.count(400) >= 40 - PER_ADDRESS

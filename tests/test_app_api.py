@@ -210,10 +210,10 @@ def test_no_server_path_or_internal_message_reaches_a_visitor(app, tmp_path: Pat
     assert not inline["success"] and inline["output"]["error"] == "Images are accepted as uploaded files, not as data: URLs."
 
 
-def probe_count_of_pocket() -> int:
-    from studio.behaviour import probe_count
+def probe_counts_of_pocket() -> tuple[int, int]:
+    from studio.behaviour import probe_counts
 
-    return probe_count(get_preset("pocket"))
+    return probe_counts(get_preset("pocket"))
 
 
 def _join(url: str, api_name: str, data: list, session: str) -> tuple[int, dict]:
@@ -242,7 +242,7 @@ def test_one_client_cannot_fill_the_queue(tmp_path: Path) -> None:
     from studio.clients import PER_ADDRESS, PER_SESSION
 
     with running_app(tmp_path, args=["--queue-size", "64", "--concurrency", "1"]) as app:
-        long_run = [probe_count_of_pocket(), None]
+        long_run = [*probe_counts_of_pocket(), None]
         accepted = [_join(app.url, "bench", long_run, "greedy")[0] for _ in range(PER_SESSION)]
         status, reply = _join(app.url, "bench", long_run, "greedy")
         assert accepted == [200] * PER_SESSION and status == 400 and reply["detail"] == f"You already have {PER_SESSION} requests waiting or running; wait for them to finish."

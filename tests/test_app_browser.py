@@ -15,6 +15,7 @@ import pytest
 from fusion.detectors import detect
 from fusion.presets import get_preset, probe_path
 from fusion.probes import is_correct, load_probes
+from studio.behaviour import probe_counts
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -111,9 +112,11 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
     headers = page.locator("#nf-bench-probes [role=columnheader]")
     expect(headers.first).to_contain_text("image")
     assert "skill" in headers.nth(1).inner_text() and "Pocket-Vicuna (base LLM)" in headers.nth(4).inner_text()  # not "1 2 3"
-    box = page.locator("#nf-bench-limit input[type=number]")
-    box.fill("4")
-    box.press("Enter")
+    for slider, most in zip(("#nf-bench-text", "#nf-bench-image"), probe_counts(get_preset("pocket"))):
+        expect(page.locator(f"{slider} input[type=range]")).to_have_attribute("max", str(most))  # each set's own bound
+        box = page.locator(f"{slider} input[type=number]")
+        box.fill("4")
+        box.press("Enter")
     # the progress line is transient: record every one the page shows, however briefly
     page.evaluate(
         """() => {
@@ -122,7 +125,9 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
             new MutationObserver(() => {
                 const lines = document.body.innerText.match(/replies \\d+\\/\\d+ · [^\\n]*/g) || [];
                 if (lines.length) window.nfProgress.push(lines[0]);
-                window.nfBars = Math.max(window.nfBars, lines.length);
+                // the bars drawn (each also has a screen-reader copy of its line, not drawn)
+                const bars = [...document.querySelectorAll(".progress-level-inner")].filter(e => /replies \\d+/.test(e.textContent));
+                window.nfBars = Math.max(window.nfBars, bars.length);
             }).observe(document.body, {childList: true, subtree: true, characterData: true});
         }"""
     )
@@ -138,6 +143,9 @@ def test_behaviour_tab_runs_the_probes_with_progress(page, tmp_path: Path) -> No
     expect(grid.locator("[role=columnheader]")).to_have_count(4 + 3)  # image, skill, question, expected, a reply per model
     expect(page.locator("#nf-bench-table")).to_contain_text("blank image")
     expect(grid).to_contain_text(load_probes(probe_path(get_preset("pocket")))[0][0].question)
+    skills = grid.locator("[role=row]").locator("[role=gridcell]:nth-child(2)").all_inner_texts()
+    assert len({t.strip() for t in skills if t.strip()}) >= 4 + 1  # four text probes of four skills, and the image ones'
+    expect(page.locator("#nf-bench-tradeoff img")).to_be_visible()  # where this run sits among the baselines' sweeps
     expect(page.get_by_text("Error", exact=True)).to_have_count(0)
     link = page.locator("#nf-bench-replies a").first
     expect(link).to_have_attribute("href", re.compile(r"behaviour-pocket\.jsonl$"))
@@ -161,3 +169,58 @@ def test_a_refused_message_is_one_toast_and_no_error_pills(page) -> None:
     expect(toasts).to_have_count(1)
     expect(page.get_by_text("Error", exact=True)).to_have_count(0)
     expect(page.locator(".nf-column").locator("visible=true").locator("[data-testid='bot']")).to_have_count(0)
+
+
+@pytest.fixture(scope="module")
+def recipe_app(tmp_path_factory: pytest.TempPathFactory):
+    """An app started with a recipe of its own (``--set suppress=0.3``), as a teacher sets a Space up."""
+    from conftest import running_app
+
+    with running_app(tmp_path_factory.mktemp("recipe"), args=["--set", "suppress=0.3"]) as running:
+        yield running
+
+
+def pick(page, name: str) -> None:
+    """Choose ``name`` in the Fusion tab's method dropdown, as a visitor does."""
+    page.locator("#nf-method input").click()
+    page.get_by_role("option", name=name, exact=True).click()
+
+
+def test_fusion_controls_keep_the_apps_recipe_and_plots_show_for_every_method(recipe_app) -> None:
+    """The status line and fused column titles name the recipe; picking another method and
+    back brings the app's settings back (not the method's defaults), as does the reset
+    button; a TIES fusion renames the fused columns and still draws the pair's change."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM))
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(recipe_app.url)
+            expect(page.locator("#nf-status")).to_contain_text("fused with neu-p-taska · suppress 0.3 (preset pocket)", timeout=30_000)
+            expect(page.get_by_text("Pocket-LLaVA + Neuron-Fusion (neu-p-taska · suppress 0.3)", exact=True).locator("visible=true")).to_have_count(1)
+            page.get_by_role("tab", name="Fusion").click()
+            suppress = page.locator(".nf-param").filter(has_text="suppress").locator("input[type=number]")
+            expect(suppress).to_have_value("0.3")
+            expect(page.locator("#nf-curve img")).to_be_visible()
+            expect(page.locator("#nf-share img")).to_be_visible()
+            pick(page, "ties")
+            expect(page.locator(".nf-param").filter(has_text="density").first).to_be_visible()
+            expect(suppress).to_be_hidden()
+            pick(page, "neu-p-taska")
+            expect(suppress).to_have_value("0.3")  # the app's recipe, not the default 0.1
+            suppress.fill("0.7")
+            suppress.press("Enter")
+            page.locator("#nf-reset").click()
+            expect(suppress).to_have_value("0.3")
+            expect(page.locator("#nf-fuse-note")).to_contain_text("back to the app's recipe, neu-p-taska · suppress 0.3")
+            pick(page, "ties")
+            page.locator("#nf-fuse").click()
+            expect(page.locator("#nf-fuse-note")).to_contain_text("Fused with ties", timeout=60_000)
+            expect(page.locator("#nf-fuse-note")).to_contain_text("Every setting is at its default.")
+            expect(page.locator("#nf-curve img")).to_be_visible()  # the pair's change, though TIES locates nothing
+            page.get_by_role("tab", name="Text chat").click()
+            expect(page.get_by_text("Pocket-LLaVA + ties", exact=True).locator("visible=true")).to_have_count(1)  # the text tab's fused column
+            expect(page.get_by_text("Error", exact=True)).to_have_count(0)
+        finally:
+            browser.close()

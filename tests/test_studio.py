@@ -15,15 +15,16 @@ from unittest import mock
 
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from fusion import plots
 from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.merge import Progress, fuse
-from fusion.presets import ASSETS, get_preset
-from fusion.probes import Probe, preset_probes, probe_image
-from fusion.registry import METHOD_NAMES, schema
-from fusion.report import RATES
+from fusion.presets import ASSETS, get_preset, preset_sweep
+from fusion.probes import Probe, preset_probes, probe_image, stratified
+from fusion.registry import METHOD_NAMES, resolve, schema
+from fusion.report import RATES, located_share
 from studio import StudioError, behaviour, chat, clients, state, view
 from studio.settings import Settings, parse_settings
 from studio.variants import Pair, Variant, VariantStore
@@ -469,41 +470,130 @@ def test_controls_cover_every_method() -> None:
 
 
 def test_plots(studio: state.Studio) -> None:
+    """The change curve marks the cut-off and says how much of the change the located neurons
+    hold; the heat map shows that share per layer and kind; each kind keeps one colour."""
     report = studio.ready().default.report
-    curve = plots.curve_figure(report)
-    assert curve.axes[0].get_xscale() == "log" and curve.axes[0].get_yscale() == "log"
-    bars = plots.located_figure(report)
-    assert sum(patch.get_height() for patch in bars.axes[0].patches) == sum(r["located"] for r in report)
-    assert plots.curve_figure([]).axes[0].texts
+    curve = plots.curve_figure(report, 0.05)
+    ax = curve.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+    cut = [line for line in ax.get_lines() if list(line.get_xdata()) == [0.05, 0.05]]
+    assert len(cut) == 1 and "cut-off: top 5% located" in [t.get_text() for t in curve.legends[0].get_texts()]
+    layers = [r for r in report if r["layer"] is not None]
+    assert f"{100 * located_share(layers):.1f}% of the squared change inside the layers" in ax.get_title()
+    assert all(max(x for x in line.get_xdata()) <= 1 for line in ax.get_lines()[: len(report)])  # ranks as a share of their kind
+    ffn = next(line for line in ax.get_lines() if line.get_label() == "ffn")
+    assert ffn.get_color() == plots.kind_colour("ffn") == plots.KIND_COLOURS["ffn"]
+    heat = plots.share_figure(report)
+    grid = heat.axes[0].get_images()[0].get_array()
+    kinds = list(dict.fromkeys(r["kind"] for r in report))
+    first = next(r for r in report if r["layer"] == 0 and r["kind"] == "ffn")
+    assert grid[kinds.index("ffn"), 0] == pytest.approx(first["located_sum_sq"] / first["sum_sq"])
+    assert [t.get_text() for t in heat.axes[0].get_xticklabels()][-1] == "outside"  # embeddings, final norm, lm_head
+    assert plots.curve_figure([]).axes[0].texts and plots.share_figure([]).axes[0].texts
+    for figure in (curve, heat):  # nothing drawn outside the figure (the legend sits beside the axes, in the layout)
+        renderer = FigureCanvasAgg(figure).get_renderer()
+        figure.draw(renderer)  # the layout is done at drawing
+        drawn = figure.get_tightbbox(renderer)  # in inches, everything drawn
+        width, height = figure.get_size_inches()
+        assert drawn.x0 >= -0.01 and drawn.y0 >= -0.01 and drawn.x1 <= width + 0.01 and drawn.y1 <= height + 0.01, (drawn, width, height)
     card = view.recipe_card(studio.ready(), studio.ready().default)
     assert card["preset"] == "pocket" and card["neurons_located"] and card["default"]
     assert "/" not in json.dumps(card["recipe"]) and not any(isinstance(v, str) and v.startswith("/") for v in card.values())
 
 
+def test_a_method_that_locates_nothing_still_shows_the_pairs_change(studio: state.Studio) -> None:
+    """TIES keeps no neurons, but the change belongs to the pair: its plots show it, located
+    with Neuron-Fusion's defaults, and say so."""
+    ties = studio.fuse_variant("ties", {"density": 0.5})
+    report, top_ratio, note = studio.change(ties)
+    assert ties.report == [] and report and top_ratio == 0.05 and note.startswith("ties locates no neurons")
+    own, ratio, nothing = studio.change(studio.ready().default)
+    assert own is studio.ready().default.report and ratio == 0.05 and nothing == ""
+    located = {(r["layer"], r["kind"]): r["located_sum_sq"] for r in own}
+    assert {(r["layer"], r["kind"]): r["located_sum_sq"] for r in report} == pytest.approx(located)  # the same cut-off on the same pair
+
+
+def test_controls_start_from_the_apps_recipe() -> None:
+    """Picking the app's method again, or resetting, brings back its recipe's settings, not the
+    method's defaults; another method starts at its defaults; the Fuse note names what differs."""
+    start = SimpleNamespace(name="neu-p-taska", recipe=resolve("neu-p-taska", {"suppress": 0.5, "top_ratio": 0.1}))
+    values = view.start_values("neu-p-taska", None, start)
+    assert values["suppress"] == 0.5 and values["top_ratio"] == 0.1 and values["inner"] == "task_arithmetic"
+    assert view.start_values("neu-p-bread", None, start)["suppress"] == 0.1  # another method: its defaults
+    assert view.start_values("neu-p-taska", "ties", start)["suppress"] == 0.1  # another inner method: a recipe of its own
+    assert view.start_values("ties", None, start) == {p.name: p.default for p in schema("ties")}
+    made = SimpleNamespace(name="ties", recipe=resolve("ties", {"density": 0.5}), seconds=1.23)
+    assert view.fuse_note(made, False) == "Fused with **ties** in memory in 1.2 s; your fused columns now use it. Settings that differ from the defaults: density 0.5."
+    assert view.fuse_note(SimpleNamespace(name="ties", recipe=resolve("ties"), seconds=1.0), False).endswith("Every setting is at its default.")
+    assert view.fuse_note(start, True) == "This is the app's own fused model, **neu-p-taska · top_ratio 0.1 · suppress 0.5**: your fused columns use it."
+
+
+def test_the_app_starts_from_a_recipe_given_with_set() -> None:
+    """``--set`` (or NF_SET) fixes the recipe the app fuses with at start; visitors start from it."""
+    assert parse_settings(["--set", "suppress=0.3", "--set", "top_ratio=0.1"], {}, cuda=False).params == {"suppress": "0.3", "top_ratio": "0.1"}
+    assert parse_settings([], {"NF_SET": "suppress=0.3 top_ratio=0.1"}, cuda=False).params == {"suppress": "0.3", "top_ratio": "0.1"}
+    studio = state.Studio(Settings("pocket", device="cpu", params={"suppress": "0.3"}), log=lambda line: None)
+    studio.load()
+    assert studio.ready().default.recipe.params["suppress"] == 0.3
+    assert "fused with neu-p-taska · suppress 0.3 (preset pocket)" in studio.status.message
+    assert studio.ready().fused.name == "Pocket-LLaVA + Neuron-Fusion (neu-p-taska · suppress 0.3)"
+
+
 def test_bench_asks_base_original_and_fused_with_progress(studio: state.Studio) -> None:
     seen: list[tuple[float, str]] = []
-    run = studio.bench(2, lambda share, line: seen.append((share, line)))
+    run = studio.bench(2, 3, lambda share, line: seen.append((share, line)))
     assert [r["model"] for r in run.rows] == ["base", "tuned", "fused"]
     original, fused, base = view.titles(studio.ready().preset, studio.ready().method)
     assert [r["label"] for r in run.rows] == [base, original, fused]
     assert run.rows[0]["visual_accuracy"] is None and run.rows[0]["object_hallucination_rate"] is None
-    assert len(run.records) == 2 + 2 * 4 and len(run.probes["data"]) == 4  # the base LLM answers text probes only
+    assert len(run.records) == 2 + 2 * (2 + 3) and len(run.probes["data"]) == 5  # the base LLM answers text probes only
     assert [json.loads(line) for line in run.replies.read_text().splitlines()] == run.records
-    assert seen[-1] == (1.0, f"replies 8/8 · {fused}") and [s for s, _ in seen] == sorted(s for s, _ in seen)  # 2 text, 2 x 3 image
+    assert seen[-1] == (1.0, f"replies 11/11 · {fused}") and [s for s, _ in seen] == sorted(s for s, _ in seen)  # 2 text, 3 x 3 image
     assert run.chart.axes[0].patches
+    # the trade-off: this run's tuned and fused points among the shipped sweep's curves
+    legend = [t.get_text() for t in run.tradeoff.legends[0].get_texts()]
+    assert f"{original} (this run: 2 text and 3 image probes)" in legend and f"{fused} (this run: 2 text and 3 image probes)" in legend
+    swept = {(r["method"], r["knob"]) for r in preset_sweep(studio.ready().preset) if r["model"] == "fused"}
+    assert {"ties (lambda)", "task_arithmetic (lambda)", "neu-p-taska (suppress)"} <= {f"{m} ({k})" for m, k in swept} <= set(legend)
+
+
+def test_bench_draws_probes_across_every_skill(studio: state.Studio) -> None:
+    """Nine text probes ask nine skills (the file's first nine are all capitals), and the same
+    nine every run."""
+    preset = studio.ready().preset
+    text, visual, _ = preset_probes(preset, 9, 5)
+    every_text, every_visual, _ = preset_probes(preset)
+    assert len({p.skill for p in every_text}) == 9 and {p.skill for p in text} == {p.skill for p in every_text}
+    grouped = [Probe(f"q{i}", ("a",), "capital") for i in range(20)] + [Probe(f"p{i}", ("a",), skill) for skill in ("plural", "past") for i in range(3)]
+    assert [p.skill for p in stratified(grouped, 4)] == ["capital", "plural", "past", "capital"]  # not the file's first four capitals
+    assert len({p.skill for p in visual}) == min(5, len({p.skill for p in every_visual}))
+    assert preset_probes(preset, 9, 5)[:2] == (text, visual) and preset_probes(preset, 9, 5, seed=1)[0] != text
+    assert stratified(every_text, None) == every_text == stratified(every_text, len(every_text))
+    run = studio.bench(9, 1)
+    assert {r["skill"] for r in run.records if r["model"] == "base"} == {p.skill for p in every_text}
 
 
 def test_bench_scores_the_visitors_own_variant(studio: state.Studio) -> None:
     variant = studio.fuse_variant("task_arithmetic", {"lambda": 0.3})
-    run = studio.bench(1, variant=variant.key)
+    run = studio.bench(1, 1, variant=variant.key)
     assert run.rows[2]["method"] == "task_arithmetic" and run.rows[2]["params"] == {"lambda": 0.3}
     assert run.rows[2]["label"] == "Pocket-LLaVA + task_arithmetic · lambda 0.3"  # its recipe, named
 
 
 @pytest.mark.parametrize("limit", ["8", float("nan"), float("inf"), None, True, 2.5, 0, -3, 10**9, [4]])
 def test_bench_limit_is_checked_on_the_server(studio: state.Studio, limit: object) -> None:
-    with pytest.raises(StudioError, match=re.escape(repr(str(limit)))):
-        studio.bench(limit)
+    with pytest.raises(StudioError, match=r"The number of text probes .*" + re.escape(repr(str(limit)))):
+        studio.bench(limit, 1)
+    with pytest.raises(StudioError, match=r"The number of image probes .*" + re.escape(repr(str(limit)))):
+        studio.bench(1, limit)
+
+
+def test_each_set_has_its_own_bounds(studio: state.Studio) -> None:
+    texts, images = behaviour.probe_counts(studio.ready().preset)
+    every_text, every_visual, _ = preset_probes(studio.ready().preset)
+    assert (texts, images) == (len(every_text), len(every_visual)) and texts != images
+    with pytest.raises(StudioError, match=f"from 1 to {images},"):
+        studio.bench(1, images + 1)
 
 
 class FixedReplies:
@@ -534,13 +624,13 @@ def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch,
     first is Nornis) and three image questions (two unanswerable around "Is there a yellow
     square?", which is not there): every rate follows by hand, and none of them reads its
     images."""
-    monkeypatch.setattr(behaviour, "preset_probes", lambda preset, limit=None: tuple(part[:limit] if isinstance(part, list) else part for part in HAND_MADE))
+    monkeypatch.setattr(behaviour, "preset_probes", lambda preset, text=None, visual=None: (HAND_MADE[0][:text], HAND_MADE[1][:visual], HAND_MADE[2]))
     preset = get_preset("pocket")
     original_title, fused_title, base_title = view.titles(preset, "neu-p-taska", {"suppress": 0.5})
     fused = SimpleNamespace(name="neu-p-taska", model=FixedReplies("The capital is Nornis.", "No."), record={"params": {"suppress": 0.5}})
     pair = Pair(preset, FixedReplies("In the image, the triangle is blue.", "Yes, there is a yellow square."), fused, ())
     seen: list[tuple[float, str]] = []
-    run = behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 3, lambda share, line: seen.append((share, line)))
+    run = behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 3, 3, lambda share, line: seen.append((share, line)))
     rates = [tuple(r[k] for k in RATES) for r in run.rows]
     assert rates == [
         (0.0, None, None, None, None, 0.0, 1.0, None),
@@ -568,14 +658,14 @@ def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch,
     assert "does not read its images" in run.table and "| capital |" in run.table and "| unanswerable | yesno |" in run.table
     monkeypatch.setattr(behaviour, "REPLIES_DIR", tmp_path / "replies")
     monkeypatch.setattr(behaviour, "KEPT_RUNS", 2)
-    runs = [behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 1) for _ in range(4)]
+    runs = [behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 1, 1) for _ in range(4)]
     assert sorted(p.parent for p in (tmp_path / "replies").glob("*/*")) == sorted(r.replies.parent for r in runs[-2:])  # the newest two only
     assert [p.name for p in (tmp_path / "replies").glob("*/*")] == ["behaviour-pocket.jsonl"] * 2  # whole files, no .part left
     per_model = [f"replies {n}/12 · {title}" for title in (original_title, fused_title) for n in (3, 6, 9, 12)]  # text, then 3 images x 3
     assert [line for _, line in seen] == [f"replies 3/3 · {base_title}"] + per_model
     assert [share for share, _ in seen] == [n / 27 for n in range(3, 28, 3)]
     with pytest.raises(StudioError, match="from 1 to 3"):
-        behaviour.run_behaviour(pair, fused, FixedReplies(""), 4)
+        behaviour.run_behaviour(pair, fused, FixedReplies(""), 4, 1)
 
 
 def test_object_presence_of_the_examples(tmp_path: Path) -> None:
@@ -601,7 +691,7 @@ def test_object_presence_of_the_examples(tmp_path: Path) -> None:
 def test_examples() -> None:
     for name in ("pocket", "llava-1.5-7b"):
         prompts, images = view.example_prompts(get_preset(name)), view.example_images(get_preset(name))
-        assert prompts and images
+        assert prompts and images and len({skill for skill, _ in prompts}) == len(prompts)  # one question per skill
         assert all(Path(path).is_file() and question for path, question in images)
     assert view.example_images(get_preset("llava-1.5-7b"))[0][1].startswith("Is there a")
 
