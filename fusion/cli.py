@@ -177,7 +177,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     if args.plot:
         from .plots import curve_figure, save_figure
 
-        save_figure(curve_figure(report["kinds"]), args.plot)
+        save_figure(curve_figure(report["kinds"], report["params"]["top_ratio"]), args.plot)
     return 0
 
 

@@ -19,6 +19,7 @@ from fusion.merge import Progress
 from fusion.presets import Preset, get_preset
 from fusion.probes import Probe, Probes, is_correct, preset_probes, probe_image
 from fusion.registry import BASELINES, METHOD_NAMES, Param, resolve, schema
+from fusion.report import LABEL_NAMES
 
 from .chat import IMAGE_FORMATS
 
@@ -35,7 +36,7 @@ def public(text: str) -> str:
     return _SERVER_PATH.sub(lambda m: m.group(1) or "(a folder)", text)
 
 
-BADGE_TEXT = {"context_hallucination": "Context-Hallucination", "not_known": "Not-Known", "object_hallucination": "Object-Hallucination"}
+BADGE_TEXT = LABEL_NAMES  # the badges spell each label as the bench's tables do
 
 
 def changed_settings(method: str, params: Mapping[str, Any] | None = None) -> list[str]:
