@@ -214,6 +214,8 @@ class ChatTab:
         for trigger in (self.send.click, self.message.submit):
             trigger(self.respond, inputs, self.outputs, concurrency_id="models", api_visibility="private")
         self.clear.click(self.reset, None, self.outputs, queue=False, api_visibility="private")
+        for chat in self.chats:  # a chat's own trash icon (Gradio offers no way to hide it) starts a new conversation too
+            chat.clear(self.reset_chats, None, self.outputs[:-1], queue=False, api_visibility="private")
         if image is not None:
             # a new image starts a new conversation, but keeps the question (an example sets both)
             image.change(self.reset_chats, None, self.outputs[:-1], queue=False, api_visibility="private")
@@ -287,8 +289,9 @@ class FusionTab:
                 self.note = gr.Markdown(elem_id="nf-fuse-note")
             with gr.Column(scale=2):
                 self.card = gr.JSON(label="Recipe card")
-                self.curve = gr.Plot(label="Where tuning changed the language model: each layer and kind's neurons, sorted by change (log-log)", elem_id="nf-curve")
-                self.share = gr.Plot(label="Where the located neurons matter", elem_id="nf-share")
+                # the figures carry their own titles (a label would sit over them)
+                self.curve = gr.Plot(label="change curves", show_label=False, elem_id="nf-curve")
+                self.share = gr.Plot(label="located share per layer and kind", show_label=False, elem_id="nf-share")
         self.views = [self.card, self.curve, self.share]
         inner = self.controls[[p.name for p in self.params].index("inner")]
         self.chosen.input(self.show_method, self.chosen, self.controls, queue=False, api_visibility="private")
@@ -375,9 +378,8 @@ class BehaviourTab:
             self.images = gr.Slider(1, images, value=min(8, images), step=1, label=f"image probes (of {images})", elem_id="nf-bench-image")
             run = gr.Button("Run probes", variant="primary", elem_id="nf-bench-run")
         self.table = gr.Markdown("*No run yet: choose how many probes of each kind and press **Run probes**.*", elem_id="nf-bench-table")
-        with gr.Row():
-            chart = gr.Plot(label="Rates", elem_id="nf-bench-chart")
-            tradeoff = gr.Plot(label="Language vs image-grounded accuracy: this run among the baselines' sweeps", elem_id="nf-bench-tradeoff")
+        chart = gr.Plot(label="rates", show_label=False, elem_id="nf-bench-chart")  # the figures carry their own titles
+        tradeoff = gr.Plot(label="trade-off", show_label=False, elem_id="nf-bench-tradeoff")
         per_probe = gr.Dataframe(
             headers=["image", "skill", "question", "expected", names[2], names[0], names[1]],  # the empty table's too
             label="Every probe: each model's reply (✓ right, ✗ wrong) with its behaviour labels, and for image probes its replies with a blank and with another image",

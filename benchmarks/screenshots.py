@@ -30,10 +30,12 @@ CHROMIUM = "/usr/bin/chromium"
 def ask(page: Page, question: str) -> None:
     """Send a message in the visible tab and wait until both answers are there."""
     box = page.locator(".nf-message textarea").locator("visible=true")
+    answers = page.locator(".nf-column").locator("visible=true").locator("[data-testid='bot']")
+    before = answers.count()
     box.fill(question)
     box.press("Enter")
-    expect(page.locator(".nf-column").locator("visible=true").locator(".nf-badge")).not_to_have_count(0, timeout=60_000)
-    page.wait_for_timeout(2000)
+    expect(answers).not_to_have_count(before, timeout=60_000)
+    page.wait_for_timeout(3000)  # the answers finish streaming
 
 
 def tab(page: Page, name: str) -> None:
@@ -67,11 +69,13 @@ def main() -> None:
 
         tab(page, "Text chat")
         page.get_by_label("Also ask the base LLM").check()
-        ask(page, example_prompts(preset)[1])
+        asked = dict(example_prompts(preset))
+        ask(page, asked["language"])
+        ask(page, asked["opposite"])  # a follow-up in the same conversation: no Clear needed
         shoot(page, out / "text-chat.png")
 
         tab(page, "Fusion")
-        page.get_by_label("method").click()
+        page.locator("#nf-method input").click()
         page.get_by_role("option", name="neu-p-bread", exact=True).click()
         page.get_by_role("button", name="Fuse").click()
         expect(page.get_by_text("your fused columns now use it")).to_be_visible(timeout=60_000)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from .output import write_whole
 from .report import RATES, located_share
@@ -85,7 +86,8 @@ def curve_figure(report: Sequence[dict[str, Any]], top_ratio: float | None = Non
     ax.set_yscale("log")
     ax.set_xlabel("neuron rank by change, as a share of its layer and kind")
     ax.set_ylabel("change score")
-    ax.set_title("\n".join(filter(None, [note, _share_line(report).capitalize()])), fontsize=9)
+    lines = ["Where tuning changed the language model: each layer and kind's neurons, sorted by change", note, _share_line(report).capitalize()]
+    ax.set_title("\n".join(filter(None, lines)), fontsize=9)
     fig.legend(fontsize=7, loc="outside right upper")  # beside the axes, never over the curves; the layout makes room
     return fig
 
@@ -117,7 +119,7 @@ def share_figure(report: Sequence[dict[str, Any]]) -> Figure:
         label.set_color(kind_colour(label.get_text()))
     ax.set_xlabel("layer")
     ax.set_title("Share (%) of each layer and kind's squared change held by its located neurons", fontsize=9)
-    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.01)
+    fig.colorbar(image, ax=ax, fraction=0.04, pad=0.01, format=PercentFormatter(1.0))
     return fig
 
 
@@ -175,6 +177,6 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str, marked: Sequence
     ax.set_xlabel("image-grounded visual accuracy (%)")
     ax.set_ylabel("language accuracy (%)")
     ax.set_ylim(-3, 105)
-    ax.set_title(f"Language vs visual trade-off: {title}", fontsize=10)
+    ax.set_title(f"Language vs image-grounded accuracy: {title}", fontsize=10)
     fig.legend(fontsize=7, loc="outside right upper")  # beside the axes, never over the points; the layout makes room
     return fig

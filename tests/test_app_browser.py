@@ -224,3 +224,26 @@ def test_fusion_controls_keep_the_apps_recipe_and_plots_show_for_every_method(re
             expect(page.get_by_text("Error", exact=True)).to_have_count(0)
         finally:
             browser.close()
+
+
+def test_follow_ups_and_a_chats_trash_icon(page) -> None:
+    """A follow-up is answered in the same conversation (no Clear needed); a chat's own trash
+    icon starts a new conversation in every column, so the next question comes alone."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="Text chat").click()
+    box = page.locator(".nf-message textarea").locator("visible=true")
+    columns = page.locator(".nf-column").locator("visible=true")
+    answers = columns.locator("[data-testid='bot']")
+    for turns, question in enumerate(("Name the opposite of hot.", "What sound does a cow make?"), start=1):
+        box.fill(question)
+        box.press("Enter")
+        expect(answers).to_have_count(2 * turns, timeout=60_000)
+        settled_texts(answers)
+    columns.first.get_by_role("button", name=re.compile("clear", re.IGNORECASE)).click()
+    expect(answers).to_have_count(0)
+    box.fill("Name the plural of cat.")
+    box.press("Enter")
+    expect(answers).to_have_count(2, timeout=60_000)  # one turn each: the old history went with the trash
+    settled_texts(answers)
+    expect(columns.locator("[data-testid='user']")).to_have_count(2)
