@@ -18,6 +18,7 @@ from typing import Any
 
 from huggingface_hub import ModelCardData
 from huggingface_hub.repocard import metadata_load
+from yaml import YAMLError
 
 from .registry import resolve
 from .report import located_share
@@ -33,7 +34,7 @@ def card_metadata(directory: Path) -> dict[str, Any]:
     path = directory / CARD_FILE
     try:
         return (metadata_load(path) or {}) if path.is_file() else {}
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, YAMLError):  # unreadable, not UTF-8, not YAML
         return {}
 
 
@@ -51,7 +52,7 @@ def merged_licence(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[s
         return mine, f"Both inputs' cards name the license `{mine}`; it is set above."
     said = f"the tuned model's card says `{mine}`" if mine else "the tuned model's card names no license"
     said += f", the base's `{theirs}`" if theirs else ", the base's names none"
-    return None, f"**License not set**: {said}. The merge is bound by both: set `license` in the front matter above before publishing."
+    return None, f"**License not set**: {said}. The merge is bound by both: set `license` in this card's front matter before publishing."
 
 
 def hub_id(ref: str) -> str | None:
@@ -61,8 +62,14 @@ def hub_id(ref: str) -> str | None:
 
 
 def _shown(ref: str) -> str:
-    """How the card names an input: its Hub id, or a local directory's name only."""
-    return hub_id(ref) or Path(ref).name
+    """How the card names an input: its Hub id or relative path as given; an absolute path by
+    its last component only (it would tell readers how the author's disk is laid out)."""
+    return hub_id(ref) or (Path(ref).name if Path(ref).is_absolute() else ref)
+
+
+def _value(value: Any) -> str:
+    """A setting as the command line writes it: true/false, numbers and names as they are."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def changed_params(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -76,7 +83,7 @@ def reproduce_command(record: Mapping[str, Any], out_name: str) -> str:
     """The ``neuron-fusion merge`` command that makes this merge again."""
     words = ["neuron-fusion", "merge", "--tuned", _shown(record["tuned"]), "--base", _shown(record["base"]), "--method", record["method"]]
     for key, value in changed_params(record).items():
-        words += ["--set", f"{key}={str(value).lower() if isinstance(value, bool) else value}"]
+        words += ["--set", f"{key}={_value(value)}"]
     if record.get("seed"):
         words += ["--seed", str(record["seed"])]
     return shlex.join([*words, "--out", out_name])
@@ -111,15 +118,15 @@ def card_text(record: Mapping[str, Any], report: Sequence[dict[str, Any]], *, mu
         f"# {tuned} merged toward {base} with {method}",
         "",
         f"This checkpoint is **{tuned}** with its language model pulled back toward the base LLM **{base}** it was tuned from, "
-        f"made with [Neuron-Fusion Studio](https://github.com/) (`neuron-fusion`, version {record.get('version', '?')}). "
+        f"made with Neuron-Fusion Studio (`neuron-fusion`, version {record.get('version', '?')}). "
         f"Visual instruction tuning makes a multimodal model forget some of its base LLM's language skills; "
         f"Locate-then-Merge ([Yu & Ananiadou, 2025]({PAPER})) gives them back without training.",
         "",
         "## How it was made",
         "",
         f"- method: `{method}`, seed {record.get('seed', 0)}",
-        f"- settings that differ from the method's defaults: {', '.join(f'`{k}={v}`' for k, v in settings.items()) or 'none'}",
-        f"- every setting: {', '.join(f'`{k}={v}`' for k, v in record['params'].items())}",
+        f"- settings that differ from the method's defaults: {', '.join(f'`{k}={_value(v)}`' for k, v in settings.items()) or 'none'}",
+        f"- every setting: {', '.join(f'`{k}={_value(v)}`' for k, v in record['params'].items())}",
     ]
     if report:
         layers = [r for r in report if r["layer"] is not None]
@@ -154,3 +161,17 @@ def card_text(record: Mapping[str, Any], report: Sequence[dict[str, Any]], *, mu
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body)
+
+
+def write_card(folder: Path, record: Mapping[str, Any], report: Sequence[dict[str, Any]], inputs: tuple[Path, Path], *, multimodal: bool, out_name: str) -> str | None:
+    """``README.md`` (and, where neurons were located, ``neuron-change.png``) into ``folder``, the
+    merge's staging directory, so that they are published, listed and verified with the rest.
+    ``inputs``: the tuned and base checkpoints' directories, whose cards give the license.
+    Returns the license notice when no license could be set, for the CLI to repeat."""
+    from .plots import curve_figure, save_figure
+
+    licence = merged_licence(card_metadata(inputs[0]), card_metadata(inputs[1]))
+    (folder / CARD_FILE).write_text(card_text(record, report, multimodal=multimodal, licence=licence, out_name=out_name))
+    if report:
+        save_figure(curve_figure(report, record["params"]["top_ratio"]), folder / PLOT_FILE)
+    return None if licence[0] else licence[1]

@@ -40,6 +40,7 @@ SIDECAR_PATTERNS = (
     "chat_template.json",
     "chat_template.jinja",
 )
+CARD_PATTERN = "README.md"  # read for the merge's own card (the license), never copied into the output
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -278,9 +279,9 @@ def resolve_directory(ref: str, *, allow_pickle: bool = True) -> Path:
         return path
     if not _HUB_ID.match(ref):
         raise FusionError(f"{ref}: no such directory, and not a hub repo id of the form owner/name")
-    directory = _snapshot(ref, (*SAFETENSORS_PATTERNS, *SIDECAR_PATTERNS))
+    directory = _snapshot(ref, (*SAFETENSORS_PATTERNS, *SIDECAR_PATTERNS, CARD_PATTERN))
     if allow_pickle and not any(directory.glob("*.safetensors")):
-        directory = _snapshot(ref, (*PICKLE_PATTERNS, *SIDECAR_PATTERNS))
+        directory = _snapshot(ref, (*PICKLE_PATTERNS, *SIDECAR_PATTERNS, CARD_PATTERN))
     return directory
 
 

@@ -2,6 +2,8 @@
 
     python -m fusion merge --tuned T --base B --method M [--set NAME=VALUE ...] --out DIR
                            [--device auto|cpu|cuda] [--seed N]
+                           [--push-to-hub OWNER/NAME [--private]]
+    python -m fusion push DIR --repo OWNER/NAME [--private]
     python -m fusion inspect --tuned T --base B [--set NAME=VALUE ...] [--json FILE]
     python -m fusion methods
 
@@ -80,6 +82,11 @@ def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
     merge.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare, della)")
     merge.add_argument("--shard-size", type=parse_size, default="4GB", help="largest output shard (default 4GB)")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    _hub_options(merge, "--push-to-hub", required=False, help="then upload the output to this Hub model repository (created if needed) as one commit")
+
+    push = sub.add_parser("push", help="upload a finished merge output to the Hugging Face Hub as one commit")
+    push.add_argument("out", help="the merge's output directory")
+    _hub_options(push, "--repo", required=True, help="the Hub model repository (owner/name), created if needed")
 
     inspect = sub.add_parser("inspect", help="print the neuron-change statistics of a tuned/base pair")
     _common(inspect)
@@ -101,12 +108,32 @@ def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
     return parser
 
 
+def _hub_options(p: argparse.ArgumentParser, flag: str, *, required: bool, help: str) -> None:
+    p.add_argument(flag, dest="repo", required=required, metavar="OWNER/NAME", help=f"{help}; the token from HF_TOKEN or `hf auth login`, the Hub from HF_ENDPOINT")
+    p.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps its visibility)")
+
+
+def _push(out: Path, args: argparse.Namespace) -> None:
+    from .hub import push
+
+    print(f"{args.repo}: pushed as one commit, {push(out, args.repo, private=args.private)}")
+
+
+def run_push(args: argparse.Namespace) -> int:
+    _push(Path(args.out), args)
+    return 0
+
+
 def run_merge(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .merge import fuse
 
     recipe = resolve(args.method, parse_sets(args.sets), args.seed)
+    if args.repo:
+        from .hub import check_repo_name
+
+        check_repo_name(args.repo)  # before the minutes of merging
 
     bar = None  # created on the first report, so errors found while checking the inputs come alone
 
@@ -136,6 +163,8 @@ def run_merge(args: argparse.Namespace) -> int:
             bar.close()
     what = "already there (same inputs and recipe)" if result.reused else f"written in {result.seconds:.2f} s"
     print(f"{result.path}: {what}; recipe {json.dumps({k: result.recipe[k] for k in ('method', 'params', 'seed')})}")
+    if args.repo:  # only after the merge is whole: a failed merge raised above, and pushes nothing
+        _push(result.path, args)
     return 0
 
 
@@ -297,7 +326,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "neuron-fusion") -> int:
     """The command line; returns the exit status (the ``neuron-fusion`` script exits with it)."""
     args = build_parser(prog).parse_args(argv)
     _show_notices()
-    commands = {"merge": run_merge, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
+    commands = {"merge": run_merge, "push": run_push, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:
         with terminations_interrupt():
             return commands[args.command](args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ import torch
 
 from . import __version__
 from .architectures import Family, detect_layout, family_for
+from .card import CARD_FILE, write_card
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import FusionError
 from .methods import NonFinite, Observer, check_finite, restore
@@ -32,6 +34,8 @@ from .output import claim, json_text
 from .registry import Recipe, as_recipe, resolve
 from .report import located_share
 from .writer import Entry, ShardedWriter, plan_shards
+
+log = logging.getLogger("fusion")
 
 REPORT_FILE = "neuron_report.json"
 DEFAULT_SHARD_BYTES = 4 << 30
@@ -466,6 +470,10 @@ def fuse(
         report = stream.report
         if report:
             (staging / REPORT_FILE).write_text(json_text({"recipe": record, "kinds": report}) + "\n")
+        # the model card: the license notice (when none could be set) stays in it and is logged
+        notice = write_card(staging, record, report, (tuned.directory, stream.base.directory), multimodal=stream.layout.name != "llm", out_name=slot.out.name)
+        if notice:
+            log.warning("%s: %s", slot.out / CARD_FILE, notice.replace("**", ""))
         recorded = slot.publish({**record, "key": key})
     except BaseException as err:
         writer.abort()
