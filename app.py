@@ -58,16 +58,7 @@ from studio.view import (  # noqa: E402
     start_values,
     titles,
 )
-
-try:  # ZeroGPU Spaces: a GPU is attached only inside functions decorated with spaces.GPU
-    import spaces
-
-    gpu = spaces.GPU
-except ImportError:
-
-    def gpu(fn: Callable) -> Callable:
-        return fn
-
+from studio.zerogpu import bench_seconds, chat_seconds, gpu_task  # noqa: E402
 
 COLOURS = {BADGE_TEXT[label]: colour for label, colour in {"context_hallucination": "#fca5a5", "not_known": "#fcd34d", "object_hallucination": "#c4b5fd"}.items()}
 CSS = """
@@ -240,7 +231,7 @@ class ChatTab:
     def reset(self) -> list[Any]:
         return [*self.reset_chats(), ""]
 
-    @gpu
+    @gpu_task(lambda self, message, histories, variant, *extra: chat_seconds(self.studio.settings.max_new_tokens, 3 if self.with_base is not None and extra and extra[-1] is True else 2))
     @page_errors
     def respond(self, message: str, histories: list[list[tuple[str, str]]], variant: str | None, *extra: Any) -> Any:
         image = extra[0] if self.image is not None else None
@@ -344,8 +335,7 @@ class FusionTab:
         line = f"Settings back to the app's recipe, **{recipe_label(default.name, default.recipe.params)}**; press Fuse to use it."
         return [gr.Dropdown(value=default.name), *self.show_method(default.name), line]
 
-    @gpu
-    @page_errors
+    @page_errors  # no GPU asked for: merges run where the studio's merge_device says (the CPU on ZeroGPU)
     def refuse(self, request: gr.Request, name: str, *values: Any, progress: gr.Progress = gr.Progress()) -> list[Any]:
         """This visitor's own fused variant; everyone else keeps theirs (values are checked by
         the library: a name from the list, finite numbers in range, choices from their lists)."""
@@ -411,7 +401,7 @@ class BehaviourTab:
             gr.Slider(maximum=images, value=min(8, images), label=f"image probes (of {images})"),
         ]
 
-    @gpu
+    @gpu_task(lambda self, texts, images, *rest, **named: bench_seconds(texts, images))
     @page_errors
     def bench(self, texts: Any, images: Any, variant: str | None, progress: gr.Progress = gr.Progress()) -> list[Any]:
         """The probes for base, original and fused; the bar moves per batch of probes ("probes
@@ -500,8 +490,9 @@ def build(studio: Studio) -> gr.Blocks:
             """Load state: {state: loading|ready|failed, message, notice, seconds}."""
             return {k: public(v) if isinstance(v, str) else v for k, v in studio.status.as_dict().items()}
 
-        gr.api(gpu(compare_text), api_name="compare_text", concurrency_id="models")
-        gr.api(gpu(compare_image), api_name="compare_image", concurrency_id="models")
+        answer = gpu_task(lambda *inputs: chat_seconds(studio.settings.max_new_tokens, 2))  # both models, one message
+        gr.api(answer(compare_text), api_name="compare_text", concurrency_id="models")
+        gr.api(answer(compare_image), api_name="compare_image", concurrency_id="models")
         gr.api(status_api, api_name="status", queue=False)
     return demo
 

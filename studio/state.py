@@ -26,6 +26,7 @@ from .chat import answer_budget, ask, ask_stream, check_message, check_method, f
 from .settings import FALLBACK_PRESET, Settings
 from .variants import Pair, Variant, VariantStore, build_variant
 from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, recipe_label, titles
+from .zerogpu import on_zero_gpu
 
 
 @dataclass
@@ -85,6 +86,9 @@ class Studio:
         self._change_lock = threading.Lock()
         self._lock = threading.Lock()
         self.device = resolve_device(settings.device)
+        # on ZeroGPU no CUDA exists outside a spaces.GPU call: fusions (at start, and a
+        # visitor's Fuse, which asks for no GPU) run on the CPU there
+        self.merge_device = "cpu" if on_zero_gpu() else str(self.device)
         self.load_4bit = settings.load_4bit and not bitsandbytes_missing()
         if settings.load_4bit and not self.load_4bit:
             self.status.notice = "4-bit loading needs the bitsandbytes package (pip install bitsandbytes); loading in full precision instead."
@@ -143,7 +147,7 @@ class Studio:
         self.log(f"[studio] loading {preset.tuned}, then fusing it toward {preset.base} with {method}")
         original = self._load_model(preset.tuned, True, title_original)
         checkpoints = (open_checkpoint(preset.tuned), open_checkpoint(preset.base))
-        stream = MergeStream(*checkpoints, recipe, device=str(self.device))
+        stream = MergeStream(*checkpoints, recipe, device=self.merge_device)
         variant = build_variant(original, stream, fused_title(preset, method, recipe.params), method, self._progress(f"fusing {preset.name}"))
         self.log(f"[studio] fused with {method} in memory in {variant.seconds:.1f} s ({variant.nbytes / 2**20:.0f} MiB)")
         return Pair(preset, original, variant, checkpoints)
@@ -176,7 +180,7 @@ class Studio:
         method = check_method(method)
         try:
             recipe = resolve(method, dict(params))
-            stream = MergeStream(*pair.checkpoints, recipe, device=str(self.device))
+            stream = MergeStream(*pair.checkpoints, recipe, device=self.merge_device)
         except FusionError as err:
             raise StudioError(str(err)) from None
         if stream.key == pair.default.key:
