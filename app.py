@@ -37,7 +37,7 @@ from studio import StudioError  # noqa: E402
 from studio.behaviour import probe_counts  # noqa: E402
 from studio.chat import check_histories, check_image_file, check_inner, check_method, refuse_data_url  # noqa: E402
 from studio.clients import UploadLedger, client_address, refusal  # noqa: E402
-from studio.settings import FALLBACK_PRESET, parse_settings  # noqa: E402
+from studio.settings import FALLBACK_PRESET, parse_settings, start_recipe  # noqa: E402
 from studio.state import Studio  # noqa: E402
 from studio.variants import Variant  # noqa: E402
 from studio.view import (  # noqa: E402
@@ -202,8 +202,12 @@ class ChatTab:
             self.clear = gr.Button("Clear", scale=1)
         self.outputs = [*self.chats, *self.badges, *self.marked, self.history, self.message]
         inputs = [self.message, self.history, variant] + ([self.image] if image else []) + ([self.with_base] if with_base else [])
+        # spaces.GPU sends a call's arguments to its GPU worker pickled (the function itself it
+        # inherits): so the decorated handler is this bound method, and its arguments plain values
+        models = (lambda extra: 3 if extra and extra[-1] is True else 2) if with_base is not None else (lambda extra: 2)
+        handler = gpu_task(lambda message, histories, variant, *extra: chat_seconds(studio.settings.max_new_tokens, models(extra)))(page_errors(self.respond))
         for trigger in (self.send.click, self.message.submit):
-            trigger(self.respond, inputs, self.outputs, concurrency_id="models", api_visibility="private")
+            trigger(handler, inputs, self.outputs, concurrency_id="models", api_visibility="private")
         self.clear.click(self.reset, None, self.outputs, queue=False, api_visibility="private")
         for chat in self.chats:  # a chat's own trash icon (Gradio offers no way to hide it) starts a new conversation too
             chat.clear(self.reset_chats, None, self.outputs[:-1], queue=False, api_visibility="private")
@@ -231,8 +235,6 @@ class ChatTab:
     def reset(self) -> list[Any]:
         return [*self.reset_chats(), ""]
 
-    @gpu_task(lambda self, message, histories, variant, *extra: chat_seconds(self.studio.settings.max_new_tokens, 3 if self.with_base is not None and extra and extra[-1] is True else 2))
-    @page_errors
     def respond(self, message: str, histories: list[list[tuple[str, str]]], variant: str | None, *extra: Any) -> Any:
         image = extra[0] if self.image is not None else None
         if isinstance(image, Refused):
@@ -382,7 +384,7 @@ class BehaviourTab:
         replies = gr.File(label="The replies, one JSON object a line", elem_id="nf-bench-replies")
         # one Behaviour run at a time, in a slot of its own: long runs never hold the chats' model slots
         run.click(
-            self.bench,
+            gpu_task(lambda texts, images, *rest, **named: bench_seconds(texts, images))(page_errors(self.bench)),  # see ChatTab: plain arguments
             [self.texts, self.images, visitor],
             [self.table, chart, tradeoff, per_probe, replies],
             concurrency_limit=1,
@@ -401,8 +403,6 @@ class BehaviourTab:
             gr.Slider(maximum=images, value=min(8, images), label=f"image probes (of {images})"),
         ]
 
-    @gpu_task(lambda self, texts, images, *rest, **named: bench_seconds(texts, images))
-    @page_errors
     def bench(self, texts: Any, images: Any, variant: str | None, progress: gr.Progress = gr.Progress()) -> list[Any]:
         """The probes for base, original and fused; the bar moves per batch of probes ("probes
         12/40 · LLaVA-1.5 (original)"). The counts are checked by the studio: a client sends anything."""
@@ -412,8 +412,8 @@ class BehaviourTab:
 
 def build(studio: Studio) -> gr.Blocks:
     preset = get_preset(studio.settings.preset if studio.settings.preset in PRESETS else FALLBACK_PRESET)
-    method = studio.settings.method or preset.method
-    names = titles(preset, method, preset.params if method == preset.method else None)
+    method, params = start_recipe(studio.settings, preset)  # the titles before the models are ready (refresh names the loaded ones)
+    names = titles(preset, method, params)
 
     # uploads older than an hour are removed every hour, and all of them at shutdown
     with gr.Blocks(title="Neuron-Fusion Studio", delete_cache=(3600, 3600)) as demo:

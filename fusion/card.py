@@ -39,8 +39,10 @@ def card_metadata(directory: Path) -> dict[str, Any]:
 
 
 def _licence(metadata: Mapping[str, Any]) -> str | None:
+    """A card's license id; ``other`` (a license the Hub does not list, named in
+    ``license_name``) counts as none: the two cards' own texts would have to be compared."""
     value = metadata.get("license")
-    return value if isinstance(value, str) and value else None
+    return value if isinstance(value, str) and value and value != "other" else None
 
 
 def merged_licence(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[str | None, str]:
@@ -103,10 +105,11 @@ def card_text(record: Mapping[str, Any], report: Sequence[dict[str, Any]], *, mu
     (``fusion.merge.recipe_record``) with Neuron-Locate's ``report`` (empty for a method that
     locates nothing)."""
     sources = [s for s in (hub_id(record["tuned"]), hub_id(record["base"])) if s]
+    both = len(sources) == 2  # with one alone the Hub would take the merge for a fine-tune of it
     method = record["method"]
     data = ModelCardData(
-        base_model=sources or None,
-        base_model_relation="merge" if len(sources) == 2 else None,
+        base_model=sources if both else None,
+        base_model_relation="merge" if both else None,
         library_name="transformers",
         pipeline_tag="image-text-to-text" if multimodal else "text-generation",
         license=licence[0],
@@ -119,8 +122,12 @@ def card_text(record: Mapping[str, Any], report: Sequence[dict[str, Any]], *, mu
         "",
         f"This checkpoint is **{tuned}** with its language model pulled back toward the base LLM **{base}** it was tuned from, "
         f"made with Neuron-Fusion Studio (`neuron-fusion`, version {record.get('version', '?')}). "
-        f"Visual instruction tuning makes a multimodal model forget some of its base LLM's language skills; "
-        f"Locate-then-Merge ([Yu & Ananiadou, 2025]({PAPER})) gives them back without training.",
+        + (
+            "Visual instruction tuning makes a multimodal model forget some of its base LLM's language skills; "
+            if multimodal
+            else "Fine-tuning makes a model forget some of its base LLM's skills; "
+        )
+        + f"Locate-then-Merge ([Yu & Ananiadou, 2025]({PAPER})) gives them back without training.",
         "",
         "## How it was made",
         "",

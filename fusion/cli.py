@@ -130,6 +130,8 @@ def run_merge(args: argparse.Namespace) -> int:
     from .merge import fuse
 
     recipe = resolve(args.method, parse_sets(args.sets), args.seed)
+    if args.private and not args.repo:
+        raise FusionError("--private makes the repository --push-to-hub creates private: name one with --push-to-hub OWNER/NAME")
     if args.repo:
         from .hub import check_repo_name
 

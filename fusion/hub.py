@@ -74,9 +74,9 @@ def push(out: Path, repo: str, *, private: bool = False, token: str | None = Non
         raise FusionError(f"{out}: {problem}; nothing pushed")
     names = [*recipe["files"], RECIPE_FILE]
     api = HfApi(endpoint=_endpoint(), token=token)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(out / name)) for name in names]  # local checks, before any request
     try:
         api.create_repo(repo, private=True if private else None, exist_ok=True)  # None: the Hub's default for a new repository
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(out / name)) for name in names]
         info = api.create_commit(repo, operations=operations, commit_message=f"Neuron-Fusion merge ({recipe.get('method')}), {len(names)} files")
     except Exception as err:
         if isinstance(err, (HfHubHTTPError, ConnectionError, TimeoutError)) or _transport(err):

@@ -65,6 +65,8 @@ def stratified(probes: Sequence[Probe], count: int | None, seed: int = 0) -> lis
     draws the same probes."""
     if count is None or count >= len(probes):
         return list(probes)
+    if count < 0:
+        raise FusionError(f"cannot draw {count} probes: the count must be at least 0")
     rng = random.Random(seed)
     by_skill: dict[str, list[Probe]] = {}
     for probe in probes:

@@ -29,6 +29,7 @@ from fusion.report import jsonl, markdown_table, per_probe_table
 
 from . import StudioError
 from .view import titles
+from .zerogpu import bench_caps, on_zero_gpu
 
 if TYPE_CHECKING:
     from .variants import Pair, Variant
@@ -52,8 +53,12 @@ class BehaviourRun:
 
 
 def probe_counts(preset: Preset) -> tuple[int, int]:
-    """How many text and image probes the preset has: the largest limits the tab offers."""
+    """The most text and image probes one run may ask: all the preset has, or on ZeroGPU as
+    many as fit in one GPU call (``studio.zerogpu.bench_caps``)."""
     text, visual, _ = preset_probes(preset)
+    if on_zero_gpu():
+        most_text, most_visual = bench_caps()
+        return min(len(text), most_text), min(len(visual), most_visual)
     return len(text), len(visual)
 
 

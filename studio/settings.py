@@ -7,10 +7,12 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fusion.cli import parse_sets
+from fusion.presets import Preset
 
 FALLBACK_PRESET = "pocket"
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -38,7 +40,7 @@ class Settings:
     queue_size: int = 32
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     max_variants: int = 4
-    params: Mapping[str, str] = field(default_factory=dict)  # --set: the start recipe's parameters (None: the preset's)
+    params: Mapping[str, str] = field(default_factory=dict)  # --set: the start recipe's parameters (empty: the preset's)
 
 
 def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ, cuda: bool | None = None) -> Settings:
@@ -66,9 +68,9 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         "--set",
         dest="sets",
         action="append",
-        default=(env.get("NF_SET") or "").split(),
+        default=None,
         metavar="NAME=VALUE",
-        help="a parameter of the method the app fuses with at start (repeatable; env NF_SET='suppress=0.3 top_ratio=0.1'); visitors start from this recipe",
+        help="a parameter of the method the app fuses with at start (repeatable; env NF_SET='suppress=0.3 top_ratio=0.1', which flags replace); visitors start from this recipe",
     )
     args = parser.parse_args(argv)
     return Settings(
@@ -80,5 +82,14 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] = o
         max(1, args.queue_size),
         max(1, args.max_new_tokens),
         max(0, args.max_variants),
-        parse_sets(args.sets),
+        parse_sets(args.sets if args.sets is not None else (env.get("NF_SET") or "").split()),
     )
+
+
+def start_recipe(settings: Settings, preset: Preset) -> tuple[str, dict[str, Any]]:
+    """The method and parameters the app fuses ``preset`` with at start: the flags' where they
+    name this preset, else the preset's own (a fallback preset runs its own recipe)."""
+    asked = preset.name == settings.preset
+    method = settings.method if asked and settings.method else preset.method
+    params = dict(settings.params) if asked and settings.params else (dict(preset.params) if method == preset.method else {})
+    return method, params

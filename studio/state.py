@@ -23,7 +23,7 @@ from fusion.registry import resolve
 from . import StudioError
 from .behaviour import BehaviourRun, BenchProgress, check_limit, run_behaviour
 from .chat import answer_budget, ask, ask_stream, check_message, check_method, fit_history, load_image, merge_streams
-from .settings import FALLBACK_PRESET, Settings
+from .settings import FALLBACK_PRESET, Settings, start_recipe
 from .variants import Pair, Variant, VariantStore, build_variant
 from .view import ConsoleProgress, behaviour, format_progress, fused_title, object_presence, recipe_label, titles
 from .zerogpu import on_zero_gpu
@@ -107,16 +107,19 @@ class Studio:
         for name in names:
             try:
                 preset = get_preset(name)
-                asked = name == self.settings.preset  # a fallback preset runs its own recipe
-                method = self.settings.method if asked and self.settings.method else preset.method
-                params = dict(self.settings.params) if asked and self.settings.params else (preset.params if method == preset.method else {})
+                method, params = start_recipe(self.settings, preset)
                 self.pair = self._load_pair(preset, method, params)
+                if on_zero_gpu():  # here, not lazily: a GPU call runs in a forked worker, which would load it for itself only
+                    self.base()
+                self.change(self.pair.default)  # once, before any page asks (a method that locates nothing needs a pass)
+                # on ZeroGPU the process's GPU memory exists only inside a GPU call: variants are budgeted in RAM
+                self.store.max_bytes = memory_budget(torch.device("cpu") if on_zero_gpu() else self.device)
             except Exception as err:  # the app's boundary: any failure becomes a message
                 message = explain_load_error(name, err)
                 self.log(message)
                 self.status.notice = " ".join(filter(None, [self.status.notice, message]))
+                self.pair, self._base, self._change = None, None, None  # nothing of the preset that failed stays
                 continue
-            self.store.max_bytes = memory_budget(self.device)
             self.status.seconds = time.perf_counter() - self.started
             recipe = recipe_label(method, self.pair.default.recipe.params)
             how = f"{recipe}, 4-bit nf4" if self.load_4bit else recipe

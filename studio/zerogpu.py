@@ -5,8 +5,10 @@ answer length and the number of models, the probes of a Behaviour run), not the 
 
 Off ZeroGPU (``SPACES_ZERO_GPU`` unset: a laptop, a CPU or a dedicated-GPU Space) ``spaces.GPU``
 hands the function back unchanged, and without the ``spaces`` package nothing is wrapped.
-The plan, in the README's Space section: models load and the default variant is fused at
-start, outside any GPU function; chat, API and Behaviour calls run inside one.
+The plan, in the README's Space section: the models (the base LLM too) load and the default
+variant is fused at start, outside any GPU function, fusions on the CPU; chat, API and
+Behaviour calls run inside one, a Behaviour run no longer than one call may be
+(``bench_caps``). A call's worker is a fork of the server: what it changes is its own.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def bench_seconds(texts: Any, images: Any, most: int = 10_000) -> int:
     batches of BENCH_BATCH answers of up to BENCH_TOKENS tokens."""
     answers = 3 * _count(texts, most) + 2 * 3 * _count(images, most)
     return _within(START_SECONDS + math.ceil(answers / BENCH_BATCH) * BENCH_TOKENS * SECONDS_PER_TOKEN)
+
+
+def bench_caps() -> tuple[int, int]:
+    """The most text and image probes one Behaviour run may ask on ZeroGPU: the answers that fit
+    in LONGEST_SECONDS, half for each kind (a text probe is 3 answers, an image probe 6)."""
+    answers = (LONGEST_SECONDS - START_SECONDS) / (BENCH_TOKENS * SECONDS_PER_TOKEN) * BENCH_BATCH
+    return int(answers / 2 / 3), int(answers / 2 / 6)
 
 
 def gpu_task(duration: Callable[..., int] | int) -> Callable[[F], F]:

@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 from replicas import write_replica
 
 from conftest import CliRun
-from fusion.card import CARD_FILE, PLOT_FILE, card_metadata, merged_licence, reproduce_command
+from fusion.card import CARD_FILE, PLOT_FILE, card_metadata, card_text, merged_licence, reproduce_command
 from fusion.output import RECIPE_FILE
 from fusion.presets import ASSETS
 from fusion.registry import resolve
@@ -132,6 +132,10 @@ def test_card_of_hub_models_names_both_and_their_licence(tmp_path: Path, monkeyp
         "**License not set**: the tuned model's card says `llama2`, the base's `apache-2.0`. The merge is bound by both: "
         "set `license` in this card's front matter before publishing.",
     )
+    assert merged_licence({"license": "other", "license_name": "a"}, {"license": "other", "license_name": "b"})[0] is None  # "other" is no id to agree on
+    record = {"method": "ties", "params": resolve("ties").params, "seed": 0, "tuned": tuned, "base": str(tmp_path / "my-vicuna")}
+    one = ModelCard(card_text(record, [], multimodal=False, licence=(None, "-"), out_name="x")).data.to_dict()
+    assert "base_model" not in one and one["pipeline_tag"] == "text-generation"  # one Hub id alone would read as a fine-tune of it
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / CARD_FILE).write_text("---\n: [unclosed\n---\n")
     assert card_metadata(tmp_path / "broken") == {} and card_metadata(tmp_path) == {}  # a card is documentation, never an error
@@ -162,6 +166,8 @@ def test_nothing_is_pushed_unless_the_output_is_whole(tmp_path: Path, stand_in: 
     (taken / "notes.txt").write_text("someone's")
     failed = cli("merge", "--tuned", POCKET[0], "--base", POCKET[1], "--method", "ties", "--out", str(taken), "--push-to-hub", "someone/x")
     assert failed.returncode == 2 and failed.stderr.count("\n") == 1
+    private = cli("merge", "--tuned", POCKET[0], "--base", POCKET[1], "--method", "ties", "--out", str(tmp_path / "never"), "--private")
+    assert private.returncode == 2 and "--push-to-hub" in private.stderr and not (tmp_path / "never").exists()  # not silently ignored
     bad_name = cli("merge", "--tuned", POCKET[0], "--base", POCKET[1], "--method", "ties", "--out", str(tmp_path / "never"), "--push-to-hub", "no spaces/allowed")
     assert bad_name.returncode == 2 and "is not a Hub repository name" in bad_name.stderr and not (tmp_path / "never").exists()
     out = tmp_path / "fused"

@@ -20,6 +20,7 @@ from PIL import Image
 
 from fusion import plots
 from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
+from fusion.errors import FusionError
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset, preset_sweep
 from fusion.probes import Probe, preset_probes, probe_image, stratified
@@ -532,6 +533,7 @@ def test_the_app_starts_from_a_recipe_given_with_set() -> None:
     """``--set`` (or NF_SET) fixes the recipe the app fuses with at start; visitors start from it."""
     assert parse_settings(["--set", "suppress=0.3", "--set", "top_ratio=0.1"], {}, cuda=False).params == {"suppress": "0.3", "top_ratio": "0.1"}
     assert parse_settings([], {"NF_SET": "suppress=0.3 top_ratio=0.1"}, cuda=False).params == {"suppress": "0.3", "top_ratio": "0.1"}
+    assert parse_settings(["--set", "suppress=0.5"], {"NF_SET": "top_ratio=0.1"}, cuda=False).params == {"suppress": "0.5"}  # flags replace the variable
     studio = state.Studio(Settings("pocket", device="cpu", params={"suppress": "0.3"}), log=lambda line: None)
     studio.load()
     assert studio.ready().default.recipe.params["suppress"] == 0.3
@@ -569,6 +571,8 @@ def test_bench_draws_probes_across_every_skill(studio: state.Studio) -> None:
     assert len({p.skill for p in visual}) == min(5, len({p.skill for p in every_visual}))
     assert preset_probes(preset, 9, 5)[:2] == (text, visual) and preset_probes(preset, 9, 5, seed=1)[0] != text
     assert stratified(every_text, None) == every_text == stratified(every_text, len(every_text))
+    with pytest.raises(FusionError, match="at least 0"):
+        stratified(every_text, -1)
     run = studio.bench(9, 1)
     assert {r["skill"] for r in run.records if r["model"] == "base"} == {p.skill for p in every_text}
 

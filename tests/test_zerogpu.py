@@ -4,12 +4,12 @@ functions back unchanged, so the app's API and browser tests run the same decora
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import pytest
 
-from studio import zerogpu
+import app
+from studio import StudioError, zerogpu
 from studio.settings import Settings
 from studio.state import Studio
 
@@ -27,30 +27,55 @@ def test_durations_follow_the_inputs() -> None:
 def test_the_app_asks_spaces_gpu_for_each_model_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every handler that runs a model goes through the real ``spaces.GPU`` with a duration
     computed from its arguments (the chat: how many models answer; the Behaviour run: how many
-    probes); the Fuse and the page's light handlers ask for none. On a ZeroGPU Space fusions
-    run on the CPU, where the process has its memory."""
+    probes); the Fuse and the page's light handlers ask for none. The decorated callables take
+    plain values (spaces pickles a call's arguments to its GPU worker: a handler's ``self``,
+    which holds locks, could not go)."""
+    import pickle
+
     spaces = pytest.importorskip("spaces")
-    asked: dict[str, Any] = {}
+    asked: dict[str, list[Any]] = {}
     real = spaces.GPU
 
     def recording(task: Any = None, *, duration: Any = None, **kw: Any) -> Any:
         def wrap(fn: Any) -> Any:
-            asked[fn.__name__] = duration
+            asked.setdefault(fn.__name__, []).append(duration)
             return real(fn, duration=duration)  # the real decorator: off ZeroGPU it hands fn back
 
         return wrap(task) if callable(task) else wrap
 
     monkeypatch.setattr(spaces, "GPU", recording)
-    app = importlib.reload(importlib.import_module("app"))  # the class-level decorators run again
     studio = Studio(Settings("pocket", device="cpu", max_new_tokens=100), log=lambda line: None)
     app.build(studio)
-    assert set(asked) == {"respond", "bench", "compare_text", "compare_image"}
-    tab = type("Tab", (), {"studio": studio, "with_base": object()})()
-    assert asked["respond"](tab, "hi", [], None, True) == zerogpu.chat_seconds(100, 3)  # with the base LLM: three models
-    assert asked["respond"](tab, "hi", [], None, False) == zerogpu.chat_seconds(100, 2)
-    assert asked["bench"](tab, 40, 20, None) == zerogpu.bench_seconds(40, 20) > asked["bench"](tab, 4, 2, None)
-    assert asked["compare_text"]("hi") == zerogpu.chat_seconds(100, 2)
+    assert set(asked) == {"respond", "bench", "compare_text", "compare_image"} and len(asked["respond"]) == 2  # two chat tabs
+    image_tab, text_tab = asked["respond"]
+    assert image_tab("hi", [[], []], None, "/tmp/x.png") == zerogpu.chat_seconds(100, 2)
+    assert text_tab("hi", [[], [], []], None, True) == zerogpu.chat_seconds(100, 3)  # with the base LLM: three models
+    assert text_tab("hi", [[], [], []], None, False) == zerogpu.chat_seconds(100, 2)
+    (bench,) = asked["bench"]
+    assert bench(40, 20, None) == zerogpu.bench_seconds(40, 20) > bench(4, 2, None)
+    assert asked["compare_text"][0]("hi") == zerogpu.chat_seconds(100, 2)
+    pickle.dumps((("hi", [[], [], []], None, True), {}))  # what a chat call sends its worker
+
+
+def test_on_zero_gpu_the_studio_plans_for_forked_gpu_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fusions on the CPU even where the models are on the GPU; the base LLM loaded at start in
+    the server (a GPU call's forked worker would load it for itself); a Behaviour run no longer
+    than one GPU call may be."""
+    import torch
+
+    from fusion.presets import get_preset
+    from studio import behaviour, state
+
+    monkeypatch.setattr(state, "resolve_device", lambda device: torch.device("cuda"))
+    assert Studio(Settings("pocket"), log=lambda line: None).merge_device == "cuda"  # a GPU machine: fusions there
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
-    assert Studio(Settings("pocket", device="cpu"), log=lambda line: None).merge_device == "cpu"
+    assert Studio(Settings("pocket"), log=lambda line: None).merge_device == "cpu"
     monkeypatch.undo()
-    importlib.reload(app)  # leave the module as the other tests import it
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert behaviour.probe_counts(get_preset("pocket")) == zerogpu.bench_caps() == (122, 61)
+    assert zerogpu.bench_seconds(*zerogpu.bench_caps()) <= zerogpu.LONGEST_SECONDS
+    with pytest.raises(StudioError, match="from 1 to 61"):
+        behaviour.check_limit(62, get_preset("pocket"), "image")
+    studio = Studio(Settings("pocket", device="cpu"), log=lambda line: None)
+    studio.load()
+    assert studio.status.state == "ready" and studio._base is not None  # loaded with the pair, not on first use
