@@ -4,6 +4,7 @@
                            [--device auto|cpu|cuda] [--seed N]
                            [--push-to-hub OWNER/NAME [--private]]
     python -m fusion push DIR --repo OWNER/NAME [--private]
+    python -m fusion export-lm --model M [--base B] --out DIR
     python -m fusion inspect --tuned T --base B [--set NAME=VALUE ...] [--json FILE]
     python -m fusion methods
 
@@ -84,6 +85,13 @@ def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     _hub_options(merge, "--push-to-hub", required=False, help="then upload the output to this Hub model repository (created if needed) as one commit")
 
+    export = sub.add_parser("export-lm", help="the language model of a tuned or fused MLLM as a plain causal-LM checkpoint of its base's architecture")
+    export.add_argument("--model", required=True, help="the tuned or fused MLLM: directory or hub repo id")
+    export.add_argument("--base", help="its base LLM (config and tokenizer); default: the one a fused model's recipe names")
+    export.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    export.add_argument("--shard-size", type=parse_size, default="4GB", help="largest output shard (default 4GB)")
+    export.add_argument("--no-pickle", dest="allow_pickle", action="store_false", help="refuse pickle .bin weights")
+
     push = sub.add_parser("push", help="upload a finished merge output to the Hugging Face Hub as one commit")
     push.add_argument("out", help="the merge's output directory")
     _hub_options(push, "--repo", required=True, help="the Hub model repository (owner/name), created if needed")
@@ -117,6 +125,15 @@ def _push(out: Path, args: argparse.Namespace) -> None:
     from .hub import push
 
     print(f"{args.repo}: pushed as one commit, {push(out, args.repo, private=args.private)}")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from .export import export_language_model
+
+    result = export_language_model(args.model, args.out, base_ref=args.base, shard_bytes=args.shard_size, allow_pickle=args.allow_pickle)
+    what = "already there (same model)" if result.reused else f"written in {result.seconds:.2f} s"
+    print(f"{result.path}: {what}; the language model of {result.record['model']} as {result.record['base']}'s architecture")
+    return 0
 
 
 def run_push(args: argparse.Namespace) -> int:
@@ -328,7 +345,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "neuron-fusion") -> int:
     """The command line; returns the exit status (the ``neuron-fusion`` script exits with it)."""
     args = build_parser(prog).parse_args(argv)
     _show_notices()
-    commands = {"merge": run_merge, "push": run_push, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
+    commands = {"merge": run_merge, "export-lm": run_export, "push": run_push, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:
         with terminations_interrupt():
             return commands[args.command](args)
