@@ -113,6 +113,17 @@ def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--limit", type=int, help="ask N text and N image probes, drawn across the skills (a quick look)")
+    harness = sub.add_parser("benchmark", help="standard benchmarks through lm-evaluation-harness for the base, the tuned model and fused variants")
+    harness.add_argument("--preset", required=True, help="model pair (e.g. llava-1.5-7b, pocket)")
+    harness.add_argument("--methods", default="neu-p-taska", help="fused variants, as eval's --methods ('neu-p-taska,ties:density=0.5')")
+    harness.add_argument("--suite", default="paper", help="a suite name (paper) or a suite JSON file of your own")
+    harness.add_argument("--tasks", help="comma-separated language tasks, instead of the suite's")
+    harness.add_argument("--out", required=True, help="directory for results.json, results.md, results.png, the models and each harness's raw output")
+    harness.add_argument("--limit", type=int, help="at most N examples per task (a quick look; not comparable with published scores)")
+    harness.add_argument("--device", default="cpu", help="lm-eval's device: cpu, cuda, cuda:0")
+    harness.add_argument("--batch-size", default="auto", help="lm-eval's batch size (a number, or auto)")
+    harness.add_argument("--launcher", default="python", choices=("python", "accelerate"), help="accelerate: data-parallel over every GPU of the machine")
+    harness.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="lm-eval's model backend (vllm where it is installed)")
     return parser
 
 
@@ -138,6 +149,26 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_push(args: argparse.Namespace) -> int:
     _push(Path(args.out), args)
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from .benchmark import Suite, load_suite
+    from .benchmark import run_benchmark as bench
+    from .evaluate import parse_methods
+    from .presets import get_preset
+
+    if args.limit is not None and args.limit < 1:
+        raise FusionError(f"--limit must be at least 1, got {args.limit}")
+    suite = load_suite(args.suite)
+    if args.tasks:
+        suite = Suite(tuple(t.strip() for t in args.tasks.split(",") if t.strip()), suite.visual, suite.include)
+    out = Path(args.out)
+    writable_directory(out)
+    options = {"limit": args.limit, "device": args.device, "batch_size": args.batch_size, "launcher": args.launcher, "backend": args.backend}
+    rows = bench(get_preset(args.preset), parse_methods(args.methods), out, suite, **options, log=lambda line: print(line, file=sys.stderr))
+    print((out / "results.md").read_text(), end="")
+    print(f"written to {out / 'results.json'}, results.md, results.png ({len(rows)} models; raw harness output under {out / 'raw'})")
     return 0
 
 
@@ -345,7 +376,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "neuron-fusion") -> int:
     """The command line; returns the exit status (the ``neuron-fusion`` script exits with it)."""
     args = build_parser(prog).parse_args(argv)
     _show_notices()
-    commands = {"merge": run_merge, "export-lm": run_export, "push": run_push, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
+    commands = {"merge": run_merge, "benchmark": run_benchmark, "export-lm": run_export, "push": run_push, "inspect": run_inspect, "methods": run_methods, "eval": run_eval}
     try:
         with terminations_interrupt():
             return commands[args.command](args)

@@ -180,3 +180,26 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str, marked: Sequence
     ax.set_title(f"Language vs image-grounded accuracy: {title}", fontsize=10)
     fig.legend(fontsize=7, loc="outside right upper")  # beside the axes, never over the points; the layout makes room
     return fig
+
+
+def benchmark_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
+    """The harnesses' scores: language mean against visual mean, a point per model, where both
+    are there (the paper's trade-off); else the language mean of each model as a bar."""
+    fig = Figure(figsize=(8, 4.8), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    both = [r for r in rows if r.get("language_mean") is not None and r.get("visual_mean") is not None]
+    if both:
+        for r in both:
+            ax.plot(100 * r["visual_mean"], 100 * r["language_mean"], "o", markersize=8, label=r["label"])
+        ax.set_xlabel("visual mean (%)")
+        ax.set_ylabel("language mean (%)")
+        fig.legend(fontsize=7, loc="outside right upper")
+    else:
+        shown = [r for r in rows if r.get("language_mean") is not None]
+        bars = ax.bar([r["label"] for r in shown], [100 * r["language_mean"] for r in shown], color=[f"C{i}" for i in range(len(shown))])
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_ylabel("language mean (%)")
+        ax.set_ylim(0, 108)
+        ax.tick_params(axis="x", labelsize=7, rotation=20)
+    ax.set_title(f"Standard benchmarks: {title}", fontsize=10)
+    return fig

@@ -1,0 +1,178 @@
+"""Standard benchmarks through the field's own harnesses (``neuron-fusion benchmark``): the base
+LLM, the tuned MLLM and each fused variant, the language tasks through lm-evaluation-harness
+(``lm-eval``) on each model's language model (``fusion.export``), every score collected into one
+table like the paper's.
+
+The harness runs as its own process (``python -m lm_eval``, or under ``accelerate launch`` for
+several GPUs), so that its output is kept as it wrote it (``raw/lm-eval/<model>/``) and a
+failure of one model is one line naming it. Visual tasks (lmms-eval) are listed in a suite but
+not run yet: lmms-eval pins another torch than this project's, and its runner is still to come;
+the table says so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import FusionError
+from .output import write_whole
+from .presets import Preset
+
+SUITES = Path(__file__).resolve().parent / "suites"
+# The metric a task reports, in order of preference (lm-eval's "name,filter" keys).
+METRICS = ("acc,none", "exact_match,strict-match", "exact_match,flexible-extract", "exact_match,none", "mc2,none", "acc_norm,none")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Tasks to run: ``language`` through lm-eval, ``visual`` through lmms-eval; ``include``: a
+    folder of task files of the user's own (lm-eval's ``--include_path``)."""
+
+    language: tuple[str, ...]
+    visual: tuple[str, ...] = ()
+    include: Path | None = None
+
+
+def load_suite(name: str) -> Suite:
+    """A suite by name (a file in ``fusion/suites``: ``paper``) or by the path of a JSON file
+    ``{"language": [...], "visual": [...], "include": "folder"}``."""
+    path = SUITES / f"{name}.json" if (SUITES / f"{name}.json").is_file() else Path(name)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        known = ", ".join(sorted(p.stem for p in SUITES.glob("*.json")))
+        raise FusionError(f"--suite {name}: not a suite name ({known}) nor a readable JSON file ({type(err).__name__})") from None
+    lists = {key: data.get(key, []) for key in ("language", "visual")}
+    if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in lists.values()):
+        raise FusionError(f"{path}: a suite is a JSON object with 'language' and 'visual' lists of task names")
+    include = data.get("include")
+    return Suite(tuple(lists["language"]), tuple(lists["visual"]), (path.parent / include).resolve() if isinstance(include, str) else None)
+
+
+def check_language_tasks(tasks: tuple[str, ...], include: Path | None) -> None:
+    """lm-eval installed, and every task one it knows: checked before any model is made."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise FusionError("the language tasks need lm-evaluation-harness, which is not installed: pip install '.[eval]' (or pip install lm-eval)")
+    from lm_eval import __version__ as version
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager(include_path=str(include) if include else None).all_tasks)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise FusionError(f"lm-eval {version} knows no task {', '.join(map(repr, unknown))}; see `lm_eval --tasks list`, or add a folder of task files with 'include'")
+
+
+def primary_score(metrics: dict[str, Any]) -> tuple[str, float] | None:
+    """The metric a task's results are read by (``METRICS``), and its value."""
+    for key in (*METRICS, *sorted(k for k in metrics if "stderr" not in k)):
+        value = metrics.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return key.split(",")[0], float(value)
+    return None
+
+
+def run_lm_eval(
+    model: Path, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, batch_size: str, launcher: str, backend: str
+) -> dict[str, tuple[str, float]]:
+    """One model's language tasks in lm-eval's own process; its output stays in ``raw``.
+    Returns each task's primary metric and score."""
+    prefix = [sys.executable, "-m", "accelerate.commands.launch"] if launcher == "accelerate" else [sys.executable]
+    command = [*prefix, "-m", "lm_eval", "--model", backend, "--model_args", f"pretrained={model}", "--tasks", ",".join(tasks)]
+    command += ["--device", device, "--batch_size", batch_size, "--output_path", str(raw)]
+    command += ["--limit", str(limit)] if limit else []
+    command += ["--include_path", str(include)] if include else []
+    raw.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    write_whole(raw / "log.txt", f"$ {' '.join(command)}\n\n{done.stdout}\n{done.stderr}")
+    if done.returncode != 0:
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        raise FusionError(f"lm-eval could not evaluate {model}: {last.strip()[:300]} (the whole log: {raw / 'log.txt'})")
+    results = sorted(raw.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not results:
+        raise FusionError(f"lm-eval wrote no results for {model} (the whole log: {raw / 'log.txt'})")
+    scores = json.loads(results[-1].read_text())["results"]
+    return {task: found for task in tasks if (found := primary_score(scores.get(task, {}))) is not None}
+
+
+def table(rows: list[dict[str, Any]], suite: Suite) -> str:
+    """The paper's kind of table: a row per model, a column per task, the language and visual
+    means and the overall mean; "—" where a score is missing, "not run" for lmms-eval's."""
+    tasks = [*suite.language, *suite.visual]
+    lines = ["| model | " + " | ".join(tasks) + " | language mean | visual mean | overall |", "|---|" + "---:|" * (len(tasks) + 3)]
+    for row in rows:
+        cells = [f"{100 * row['scores'][t]:.1f}" if t in row["scores"] else ("not run" if t in suite.visual else "—") for t in tasks]
+        means = [row[k] for k in ("language_mean", "visual_mean", "overall")]
+        lines.append(f"| {row['label']} | " + " | ".join([*cells, *("—" if m is None else f"{100 * m:.1f}" for m in means)]) + " |")
+    if suite.visual:
+        lines += ["", f"Visual tasks ({', '.join(suite.visual)}) go through lmms-eval, which this version does not run yet."]
+    return "\n".join(lines) + "\n"
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def run_benchmark(
+    preset: Preset,
+    methods: list[tuple[str, dict[str, Any]]],
+    out: Path,
+    suite: Suite,
+    *,
+    limit: int | None = None,
+    device: str = "cpu",
+    batch_size: str = "auto",
+    launcher: str = "python",
+    backend: str = "hf",
+    log: Any = print,
+) -> list[dict[str, Any]]:
+    """The base, the tuned model and each fused variant (merged into the cache unless there),
+    each language model exported once (``out/models``), then lm-eval on each; writes
+    ``results.json``, ``results.md`` and ``results.png`` under ``out``."""
+    from .checkpoint import open_checkpoint
+    from .export import export_language_model
+    from .merge import fuse
+    from .plots import benchmark_figure, save_figure
+
+    if suite.language:
+        check_language_tasks(suite.language, suite.include)
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise FusionError("--backend vllm: vLLM is not installed here (pip install vllm, on a CUDA machine)")
+    base = open_checkpoint(preset.base).directory
+    models = [("base", None, {}, base), ("tuned", None, {}, None)] + [("fused", m, p, None) for m, p in methods]
+    rows = []
+    for kind, method, params, path in models:
+        label = kind if method is None else f"{method}" + "".join(f" {k}={v}" for k, v in params.items())
+        name = label.replace(" ", "_").replace("=", "-")
+        if path is None:
+            where = "cuda" if device.startswith("cuda") else "cpu"  # lm-eval's cuda:0 is the merge's cuda
+            source = preset.tuned if method is None else str(fuse(preset.tuned, preset.base, method, params, device=where).path)
+            path = export_language_model(source, out / "models" / f"{name}-lm", base_ref=preset.base).path
+        log(f"[benchmark] {label}: lm-eval on {', '.join(suite.language)}")
+        raw = out / "raw" / "lm-eval" / name
+        options = {"include": suite.include, "limit": limit, "device": device, "batch_size": batch_size, "launcher": launcher, "backend": backend}
+        scores = run_lm_eval(path, suite.language, raw, **options) if suite.language else {}
+        language = _mean([s for t, (_, s) in scores.items() if t in suite.language])
+        rows.append(
+            {
+                "model": kind,
+                "method": method,
+                "params": params,
+                "label": label,
+                "scores": {t: s for t, (_, s) in scores.items()},
+                "metrics": {t: m for t, (m, _) in scores.items()},
+                "language_mean": language,
+                "visual_mean": None,
+                "overall": _mean([s for _, s in scores.values()]),
+            }
+        )
+    write_whole(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    write_whole(out / "results.md", table(rows, suite))
+    save_figure(benchmark_figure(rows, preset.name), out / "results.png")
+    return rows
