@@ -1,13 +1,13 @@
 """Standard benchmarks through the field's own harnesses (``neuron-fusion benchmark``): the base
-LLM, the tuned MLLM and each fused variant, the language tasks through lm-evaluation-harness
-(``lm-eval``) on each model's language model (``fusion.export``), every score collected into one
-table like the paper's.
+LLM, the tuned MLLM and each fused variant; the language tasks through lm-evaluation-harness
+(``lm-eval``) on each model's language model (``fusion.export``), the visual ones through
+lmms-eval on the MLLMs (the base LLM sees no images); every score collected into one table
+like the paper's.
 
-The harness runs as its own process (``python -m lm_eval``, or under ``accelerate launch`` for
-several GPUs), so that its output is kept as it wrote it (``raw/lm-eval/<model>/``) and a
-failure of one model is one line naming it. Visual tasks (lmms-eval) are listed in a suite but
-not run yet: lmms-eval pins another torch than this project's, and its runner is still to come;
-the table says so.
+Each harness runs as its own process (``python -m lm_eval``, ``python -m lmms_eval``, or under
+``accelerate launch`` for several GPUs), so that its output is kept as it wrote it
+(``raw/<harness>/<model>/``), a failure of one model is one line naming it, and lmms-eval may
+live in an environment of its own (it pins its own torch): ``--lmms-python``.
 """
 
 from __future__ import annotations
@@ -78,6 +78,25 @@ def primary_score(metrics: dict[str, Any]) -> tuple[str, float] | None:
     return None
 
 
+def _harness(command: list[str], raw: Path, harness: str, model: Path | str) -> dict[str, Any]:
+    """Run one harness process, keep its log in ``raw``, and return the ``results`` of the
+    newest results file it wrote there; a failure is one line naming the model."""
+    raw.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(command, capture_output=True, text=True)
+    write_whole(raw / "log.txt", f"$ {' '.join(command)}\n\n{done.stdout}\n{done.stderr}")
+    if done.returncode != 0:
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
+        raise FusionError(f"{harness} could not evaluate {model}: {last.strip()[:300]} (the whole log: {raw / 'log.txt'})")
+    results = sorted((p for p in raw.rglob("*results*.json") if p.is_file()), key=lambda p: p.stat().st_mtime)
+    if not results:
+        raise FusionError(f"{harness} wrote no results for {model} (the whole log: {raw / 'log.txt'})")
+    return json.loads(results[-1].read_text())["results"]
+
+
+def _scores(results: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, tuple[str, float]]:
+    return {task: found for task in tasks if (found := primary_score(results.get(task, {}))) is not None}
+
+
 def run_lm_eval(
     model: Path, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, batch_size: str, launcher: str, backend: str
 ) -> dict[str, tuple[str, float]]:
@@ -88,30 +107,42 @@ def run_lm_eval(
     command += ["--device", device, "--batch_size", batch_size, "--output_path", str(raw)]
     command += ["--limit", str(limit)] if limit else []
     command += ["--include_path", str(include)] if include else []
-    raw.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(command, capture_output=True, text=True)
-    write_whole(raw / "log.txt", f"$ {' '.join(command)}\n\n{done.stdout}\n{done.stderr}")
-    if done.returncode != 0:
-        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
-        raise FusionError(f"lm-eval could not evaluate {model}: {last.strip()[:300]} (the whole log: {raw / 'log.txt'})")
-    results = sorted(raw.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
-    if not results:
-        raise FusionError(f"lm-eval wrote no results for {model} (the whole log: {raw / 'log.txt'})")
-    scores = json.loads(results[-1].read_text())["results"]
-    return {task: found for task in tasks if (found := primary_score(scores.get(task, {}))) is not None}
+    return _scores(_harness(command, raw, "lm-eval", model), tasks)
+
+
+def run_lmms_eval(
+    python: str, model: Path | str, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, batch_size: str, launcher: str
+) -> dict[str, tuple[str, float]]:
+    """One MLLM's visual tasks in lmms-eval's own process (``python``: the interpreter of the
+    environment lmms-eval is installed in), through its ``llava_hf`` model."""
+    prefix = [python, "-m", "accelerate.commands.launch"] if launcher == "accelerate" else [python]
+    # device_map named too: transformers 5 refuses the empty one lmms-eval passes by default
+    command = [*prefix, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", f"pretrained={model},device={device},device_map={device}"]
+    command += ["--tasks", ",".join(tasks), "--batch_size", "1" if batch_size == "auto" else batch_size, "--output_path", str(raw), "--log_samples"]
+    command += ["--limit", str(limit)] if limit else []
+    command += ["--include_path", str(include)] if include else []
+    return _scores(_harness(command, raw, "lmms-eval", model), tasks)
+
+
+def check_visual_harness(python: str) -> None:
+    """lmms-eval importable by ``python``: checked before any model is made."""
+    found = subprocess.run([python, "-c", "import lmms_eval"], capture_output=True, text=True)
+    if found.returncode != 0:
+        raise FusionError(
+            f"the visual tasks need lmms-eval, which {python} cannot import. It pins its own torch, so give it an environment: "
+            "python -m venv ~/.venvs/lmms && ~/.venvs/lmms/bin/pip install torch==<this torch> lmms-eval, then --lmms-python ~/.venvs/lmms/bin/python"
+        )
 
 
 def table(rows: list[dict[str, Any]], suite: Suite) -> str:
     """The paper's kind of table: a row per model, a column per task, the language and visual
-    means and the overall mean; "—" where a score is missing, "not run" for lmms-eval's."""
+    means and the overall mean; "—" where there is no score (the base LLM's visual ones)."""
     tasks = [*suite.language, *suite.visual]
     lines = ["| model | " + " | ".join(tasks) + " | language mean | visual mean | overall |", "|---|" + "---:|" * (len(tasks) + 3)]
     for row in rows:
-        cells = [f"{100 * row['scores'][t]:.1f}" if t in row["scores"] else ("not run" if t in suite.visual else "—") for t in tasks]
+        cells = [f"{100 * row['scores'][t]:.1f}" if t in row["scores"] else "—" for t in tasks]
         means = [row[k] for k in ("language_mean", "visual_mean", "overall")]
         lines.append(f"| {row['label']} | " + " | ".join([*cells, *("—" if m is None else f"{100 * m:.1f}" for m in means)]) + " |")
-    if suite.visual:
-        lines += ["", f"Visual tasks ({', '.join(suite.visual)}) go through lmms-eval, which this version does not run yet."]
     return "\n".join(lines) + "\n"
 
 
@@ -130,6 +161,7 @@ def run_benchmark(
     batch_size: str = "auto",
     launcher: str = "python",
     backend: str = "hf",
+    lmms_python: str | None = None,
     log: Any = print,
 ) -> list[dict[str, Any]]:
     """The base, the tuned model and each fused variant (merged into the cache unless there),
@@ -144,21 +176,30 @@ def run_benchmark(
         check_language_tasks(suite.language, suite.include)
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise FusionError("--backend vllm: vLLM is not installed here (pip install vllm, on a CUDA machine)")
+    lmms = lmms_python or sys.executable
+    if suite.visual:
+        check_visual_harness(lmms)
     base = open_checkpoint(preset.base).directory
     models = [("base", None, {}, base), ("tuned", None, {}, None)] + [("fused", m, p, None) for m, p in methods]
     rows = []
+    common = {"include": suite.include, "limit": limit, "device": device, "batch_size": batch_size, "launcher": launcher}
     for kind, method, params, path in models:
         label = kind if method is None else f"{method}" + "".join(f" {k}={v}" for k, v in params.items())
         name = label.replace(" ", "_").replace("=", "-")
+        mllm = None
         if path is None:
             where = "cuda" if device.startswith("cuda") else "cpu"  # lm-eval's cuda:0 is the merge's cuda
-            source = preset.tuned if method is None else str(fuse(preset.tuned, preset.base, method, params, device=where).path)
-            path = export_language_model(source, out / "models" / f"{name}-lm", base_ref=preset.base).path
-        log(f"[benchmark] {label}: lm-eval on {', '.join(suite.language)}")
-        raw = out / "raw" / "lm-eval" / name
-        options = {"include": suite.include, "limit": limit, "device": device, "batch_size": batch_size, "launcher": launcher, "backend": backend}
-        scores = run_lm_eval(path, suite.language, raw, **options) if suite.language else {}
+            mllm = open_checkpoint(preset.tuned).directory if method is None else fuse(preset.tuned, preset.base, method, params, device=where).path
+            path = export_language_model(str(mllm), out / "models" / f"{name}-lm", base_ref=preset.base).path
+        scores: dict[str, tuple[str, float]] = {}
+        if suite.language:
+            log(f"[benchmark] {label}: lm-eval on {', '.join(suite.language)}")
+            scores |= run_lm_eval(path, suite.language, out / "raw" / "lm-eval" / name, backend=backend, **common)
+        if suite.visual and mllm is not None:  # the base LLM sees no images
+            log(f"[benchmark] {label}: lmms-eval on {', '.join(suite.visual)}")
+            scores |= run_lmms_eval(lmms, mllm, suite.visual, out / "raw" / "lmms-eval" / name, **common)
         language = _mean([s for t, (_, s) in scores.items() if t in suite.language])
+        visual = _mean([s for t, (_, s) in scores.items() if t in suite.visual])
         rows.append(
             {
                 "model": kind,
@@ -168,7 +209,7 @@ def run_benchmark(
                 "scores": {t: s for t, (_, s) in scores.items()},
                 "metrics": {t: m for t, (m, _) in scores.items()},
                 "language_mean": language,
-                "visual_mean": None,
+                "visual_mean": visual,
                 "overall": _mean([s for _, s in scores.values()]),
             }
         )

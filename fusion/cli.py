@@ -124,6 +124,7 @@ def build_parser(prog: str = "neuron-fusion") -> argparse.ArgumentParser:
     harness.add_argument("--batch-size", default="auto", help="lm-eval's batch size (a number, or auto)")
     harness.add_argument("--launcher", default="python", choices=("python", "accelerate"), help="accelerate: data-parallel over every GPU of the machine")
     harness.add_argument("--backend", default="hf", choices=("hf", "vllm"), help="lm-eval's model backend (vllm where it is installed)")
+    harness.add_argument("--lmms-python", help="the python of an environment with lmms-eval, for the visual tasks (default: this one)")
     return parser
 
 
@@ -165,7 +166,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         suite = Suite(tuple(t.strip() for t in args.tasks.split(",") if t.strip()), suite.visual, suite.include)
     out = Path(args.out)
     writable_directory(out)
-    options = {"limit": args.limit, "device": args.device, "batch_size": args.batch_size, "launcher": args.launcher, "backend": args.backend}
+    options = {"limit": args.limit, "device": args.device, "batch_size": args.batch_size, "launcher": args.launcher, "backend": args.backend, "lmms_python": args.lmms_python}
     rows = bench(get_preset(args.preset), parse_methods(args.methods), out, suite, **options, log=lambda line: print(line, file=sys.stderr))
     print((out / "results.md").read_text(), end="")
     print(f"written to {out / 'results.json'}, results.md, results.png ({len(rows)} models; raw harness output under {out / 'raw'})")

@@ -116,3 +116,77 @@ def test_benchmark_refuses_what_it_cannot_run(tmp_path: Path, cli: Callable[...,
     assert "mmlu" in paper.language and "pope" in paper.visual and paper.include is None
     assert primary_score({"acc,none": 0.5, "acc_stderr,none": 0.1}) == ("acc", 0.5)
     assert primary_score({"exact_match,strict-match": 0.25}) == ("exact_match", 0.25) and primary_score({"alias": "x"}) is None
+
+
+def lmms_python() -> str | None:
+    """An interpreter that has lmms-eval: ``NF_LMMS_PYTHON`` (CI makes one, as lmms-eval pins
+    its own torch stack), or this one if it has it."""
+    import importlib.util
+    import os
+    import sys
+
+    return os.environ.get("NF_LMMS_PYTHON") or (sys.executable if importlib.util.find_spec("lmms_eval") else None)
+
+
+def write_visual_suite(folder: Path) -> tuple[Path, list]:
+    """Twelve image probes of the pocket set (three of each of four skills), drawn as PNG files, as an lmms-eval
+    task with its own small utils.py: right when the reply holds one of the probe's answers."""
+    from fusion.probes import preset_probes, probe_image, stratified
+
+    _, every, root = preset_probes(get_preset("pocket"))
+    # skills whose answer is a phrase the reply holds (yes/no and declines are judged otherwise)
+    visual = stratified([p for p in every if p.skill in ("color", "shape", "count", "position")], 12)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, probe in enumerate(visual):
+        probe_image(probe, root).save(folder / f"scene-{i}.png")
+        rows.append({"question": probe.question, "answers": list(probe.answers), "image": str(folder / f"scene-{i}.png")})
+    (folder / "scenes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "utils.py").write_text(
+        "from PIL import Image\n\n\n"
+        "def doc_to_visual(doc):\n    return [Image.open(doc['image']).convert('RGB')]\n\n\n"
+        "def doc_to_text(doc, lmms_eval_specific_kwargs=None):\n    return doc['question']\n\n\n"
+        "def process_results(doc, results):\n    reply = results[0].lower()\n"
+        "    return {'acc': float(any(a.lower() in reply for a in doc['answers']))}\n"
+    )
+    (folder / "pocket_scenes.yaml").write_text(
+        "task: pocket_scenes\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'scenes.jsonl'}\n"
+        "test_split: test\noutput_type: generate_until\n"
+        "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\ndoc_to_target: answers\n"
+        "generation_kwargs:\n  max_new_tokens: 24\n  temperature: 0\n  do_sample: false\n"
+        "process_results: !function utils.process_results\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "metadata:\n  version: 1\n"
+    )
+    suite = folder / "suite.json"
+    suite.write_text(json.dumps({"language": [], "visual": ["pocket_scenes"], "include": "."}))
+    return suite, visual
+
+
+@pytest.mark.skipif(lmms_python() is None, reason="needs lmms-eval: NF_LMMS_PYTHON (.ci/run makes an environment for it)")
+def test_benchmark_runs_lmms_eval_and_agrees_with_the_behaviour_bench(tmp_path: Path, cli: Callable[..., CliRun], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The visual side through the real lmms-eval (its llava_hf model) on the tuned and fused
+    pocket LLaVA: each reply it logged is the behaviour bench's own reply to the same probe, and
+    each score is the share the bench counts right; the base LLM, which sees no images, gets none."""
+    from fusion.inference import ChatModel
+    from fusion.probes import is_correct, probe_image
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("NEURON_FUSION_CACHE", str(tmp_path / "cache"))
+    suite, probes = write_visual_suite(tmp_path / "tasks")
+    out = tmp_path / "bench"
+    run = cli("benchmark", "--preset", "pocket", "--methods", "neu-p-taska", "--suite", str(suite), "--lmms-python", lmms_python(), "--out", str(out))
+    assert run.returncode == 0, run.stderr
+    rows = {r["model"]: r for r in json.loads((out / "results.json").read_text())}
+    assert rows["base"]["scores"] == {} and rows["base"]["visual_mean"] is None
+    (fused_dir,) = [p.parent for p in (tmp_path / "cache").glob("*/fusion_recipe.json")]
+    root = probe_path(get_preset("pocket")).parent
+    for kind, name, model_dir in (("tuned", "tuned", Path(get_preset("pocket").tuned)), ("fused", "neu-p-taska", fused_dir)):
+        samples = [json.loads(line) for f in (out / "raw" / "lmms-eval" / name).rglob("*samples_pocket_scenes.jsonl") for line in f.read_text().splitlines()]
+        logged = [s["filtered_resps"] if isinstance(s["filtered_resps"], str) else s["filtered_resps"][0] for s in sorted(samples, key=lambda s: s["doc_id"])]
+        bench = ChatModel.load(model_dir, True, device="cpu").answer([p.question for p in probes], [probe_image(p, root) for p in probes], max_new_tokens=24)
+        assert logged == bench, kind
+        assert rows[kind]["scores"]["pocket_scenes"] == pytest.approx(sum(is_correct(r, p) for r, p in zip(bench, probes)) / len(probes))
+        assert rows[kind]["visual_mean"] == rows[kind]["scores"]["pocket_scenes"]
+    print("\n" + (out / "results.md").read_text())
