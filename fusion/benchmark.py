@@ -126,8 +126,11 @@ def run_lmms_eval(
 
 def check_visual_harness(python: str) -> None:
     """lmms-eval importable by ``python``: checked before any model is made."""
-    found = subprocess.run([python, "-c", "import lmms_eval"], capture_output=True, text=True)
-    if found.returncode != 0:
+    try:
+        found = subprocess.run([python, "-c", "import lmms_eval"], capture_output=True, text=True).returncode == 0
+    except OSError:  # no such interpreter
+        found = False
+    if not found:
         raise FusionError(
             f"the visual tasks need lmms-eval, which {python} cannot import. It pins its own torch, so give it an environment: "
             "python -m venv ~/.venvs/lmms && ~/.venvs/lmms/bin/pip install torch==<this torch> lmms-eval, then --lmms-python ~/.venvs/lmms/bin/python"

@@ -190,3 +190,17 @@ def test_benchmark_runs_lmms_eval_and_agrees_with_the_behaviour_bench(tmp_path: 
         assert rows[kind]["scores"]["pocket_scenes"] == pytest.approx(sum(is_correct(r, p) for r, p in zip(bench, probes)) / len(probes))
         assert rows[kind]["visual_mean"] == rows[kind]["scores"]["pocket_scenes"]
     print("\n" + (out / "results.md").read_text())
+
+
+def test_a_harness_that_fails_or_is_missing_is_one_line(tmp_path: Path, cli: Callable[..., CliRun]) -> None:
+    import sys
+
+    from fusion.benchmark import _harness
+
+    with pytest.raises(FusionError, match=r"^lm-eval could not evaluate some/model: OSError: no such model \(the whole log: .*log\.txt\)$"):
+        _harness([sys.executable, "-c", "import sys; sys.exit('OSError: no such model')"], tmp_path / "raw", "lm-eval", "some/model")
+    assert "no such model" in (tmp_path / "raw" / "log.txt").read_text()  # the harness's own words kept
+    suite = tmp_path / "visual.json"
+    suite.write_text(json.dumps({"language": [], "visual": ["pope"]}))
+    missing = cli("benchmark", "--preset", "pocket", "--suite", str(suite), "--lmms-python", str(tmp_path / "no-python"), "--out", str(tmp_path / "b"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "need lmms-eval" in missing.stderr and not (tmp_path / "b" / "models").exists()
