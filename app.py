@@ -364,7 +364,7 @@ class BehaviourTab:
             "blank or the other one); on text-only probes the Context-Hallucination and Not-Known rates; on yes/no questions about "
             "objects that are not in the image the Object-Hallucination rate. Per-skill rates are under the table."
         )
-        texts, images = probe_counts(preset)
+        self.counts = texts, images = probe_counts(preset)
         with gr.Row():
             self.texts = gr.Slider(1, texts, value=min(8, texts), step=1, label=f"text probes (of {texts}; fewer is faster)", elem_id="nf-bench-text")
             self.images = gr.Slider(1, images, value=min(8, images), step=1, label=f"image probes (of {images})", elem_id="nf-bench-image")
@@ -394,10 +394,12 @@ class BehaviourTab:
         )
 
     def loaded(self) -> list[Any]:
-        """For ``demo.load``: the sliders' bounds for the preset that did load (it may be the fallback)."""
-        if self.studio.pair is None:
+        """For ``demo.load``: the sliders' bounds for the preset that did load, where it is not
+        the one the page was built for (a fallback); else nothing, so that a value the visitor
+        set before this answer arrived stays."""
+        if self.studio.pair is None or (counts := probe_counts(self.studio.pair.preset)) == self.counts:
             return [gr.update(), gr.update()]
-        texts, images = probe_counts(self.studio.pair.preset)
+        texts, images = counts
         return [
             gr.Slider(maximum=texts, value=min(8, texts), label=f"text probes (of {texts}; fewer is faster)"),
             gr.Slider(maximum=images, value=min(8, images), label=f"image probes (of {images})"),
