@@ -84,12 +84,14 @@ def _harness(command: list[str], raw: Path, harness: str, model: Path | str) -> 
     raw.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(command, capture_output=True, text=True)
     write_whole(raw / "log.txt", f"$ {' '.join(command)}\n\n{done.stdout}\n{done.stderr}")
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    # the harness's own words: its last error line (lmms-eval may exit 0 after one), else its last line
+    said = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "no message")[:300]
     if done.returncode != 0:
-        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), "no message")
-        raise FusionError(f"{harness} could not evaluate {model}: {last.strip()[:300]} (the whole log: {raw / 'log.txt'})")
+        raise FusionError(f"{harness} could not evaluate {model}: {said} (the whole log: {raw / 'log.txt'})")
     results = sorted((p for p in raw.rglob("*results*.json") if p.is_file()), key=lambda p: p.stat().st_mtime)
     if not results:
-        raise FusionError(f"{harness} wrote no results for {model} (the whole log: {raw / 'log.txt'})")
+        raise FusionError(f"{harness} wrote no results for {model}: {said} (the whole log: {raw / 'log.txt'})")
     return json.loads(results[-1].read_text())["results"]
 
 
@@ -111,14 +113,14 @@ def run_lm_eval(
 
 
 def run_lmms_eval(
-    python: str, model: Path | str, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, batch_size: str, launcher: str
+    python: str, model: Path | str, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, launcher: str
 ) -> dict[str, tuple[str, float]]:
     """One MLLM's visual tasks in lmms-eval's own process (``python``: the interpreter of the
     environment lmms-eval is installed in), through its ``llava_hf`` model."""
     prefix = [python, "-m", "accelerate.commands.launch"] if launcher == "accelerate" else [python]
     # device_map named too: transformers 5 refuses the empty one lmms-eval passes by default
     command = [*prefix, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", f"pretrained={model},device={device},device_map={device}"]
-    command += ["--tasks", ",".join(tasks), "--batch_size", "1" if batch_size == "auto" else batch_size, "--output_path", str(raw), "--log_samples"]
+    command += ["--tasks", ",".join(tasks), "--batch_size", "1", "--output_path", str(raw), "--log_samples"]  # its llava_hf takes batches of 1 only
     command += ["--limit", str(limit)] if limit else []
     command += ["--include_path", str(include)] if include else []
     return _scores(_harness(command, raw, "lmms-eval", model), tasks)
@@ -185,7 +187,7 @@ def run_benchmark(
     base = open_checkpoint(preset.base).directory
     models = [("base", None, {}, base), ("tuned", None, {}, None)] + [("fused", m, p, None) for m, p in methods]
     rows = []
-    common = {"include": suite.include, "limit": limit, "device": device, "batch_size": batch_size, "launcher": launcher}
+    common = {"include": suite.include, "limit": limit, "device": device, "launcher": launcher}
     for kind, method, params, path in models:
         label = kind if method is None else f"{method}" + "".join(f" {k}={v}" for k, v in params.items())
         name = label.replace(" ", "_").replace("=", "-")
@@ -197,7 +199,7 @@ def run_benchmark(
         scores: dict[str, tuple[str, float]] = {}
         if suite.language:
             log(f"[benchmark] {label}: lm-eval on {', '.join(suite.language)}")
-            scores |= run_lm_eval(path, suite.language, out / "raw" / "lm-eval" / name, backend=backend, **common)
+            scores |= run_lm_eval(path, suite.language, out / "raw" / "lm-eval" / name, batch_size=batch_size, backend=backend, **common)
         if suite.visual and mllm is not None:  # the base LLM sees no images
             log(f"[benchmark] {label}: lmms-eval on {', '.join(suite.visual)}")
             scores |= run_lmms_eval(lmms, mllm, suite.visual, out / "raw" / "lmms-eval" / name, **common)

@@ -184,13 +184,17 @@ def tradeoff_figure(rows: Sequence[dict[str, Any]], title: str, marked: Sequence
 
 def benchmark_figure(rows: Sequence[dict[str, Any]], title: str) -> Figure:
     """The harnesses' scores: language mean against visual mean, a point per model, where both
-    are there (the paper's trade-off); else the language mean of each model as a bar."""
+    are there (the paper's trade-off), the base LLM's language mean as a dashed line; else the
+    language mean of each model as a bar."""
     fig = Figure(figsize=(8, 4.8), dpi=110, layout="constrained")
     ax = fig.subplots()
     both = [r for r in rows if r.get("language_mean") is not None and r.get("visual_mean") is not None]
     if both:
         for r in both:
             ax.plot(100 * r["visual_mean"], 100 * r["language_mean"], "o", markersize=8, label=r["label"])
+        for r in rows:  # a text-only model (the base LLM): its language mean, as a line to aim back at
+            if r.get("language_mean") is not None and r.get("visual_mean") is None:
+                ax.axhline(100 * r["language_mean"], color="grey", ls="--", lw=1, label=f"{r['label']} (language only)")
         ax.set_xlabel("visual mean (%)")
         ax.set_ylabel("language mean (%)")
         fig.legend(fontsize=7, loc="outside right upper")
