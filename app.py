@@ -71,7 +71,7 @@ CSS = """
 .nf-marked .label, .nf-marked .label-input { text-transform: none; }  /* a label reads as its badge does */
 .nf-wrong { background: #fecaca; color: #7f1d1d; }
 #nf-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }  /* a 64 px scene fills its box */
-#nf-image-examples img { width: 96px; height: 96px; object-fit: contain; image-rendering: pixelated; }
+#nf-image-examples img { object-fit: contain; image-rendering: pixelated; }  /* whole in its thumbnail, sharp */
 """
 
 
