@@ -99,13 +99,18 @@ def _scores(results: dict[str, Any], tasks: tuple[str, ...]) -> dict[str, tuple[
     return {task: found for task in tasks if (found := primary_score(results.get(task, {}))) is not None}
 
 
+def _launch(python: str, launcher: str) -> list[str]:
+    """How a harness module is started: by ``python``, under ``accelerate launch`` (one process
+    per GPU) when asked."""
+    return [python, "-m", "accelerate.commands.launch"] if launcher == "accelerate" else [python]
+
+
 def run_lm_eval(
     model: Path, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, batch_size: str, launcher: str, backend: str
 ) -> dict[str, tuple[str, float]]:
     """One model's language tasks in lm-eval's own process; its output stays in ``raw``.
     Returns each task's primary metric and score."""
-    prefix = [sys.executable, "-m", "accelerate.commands.launch"] if launcher == "accelerate" else [sys.executable]
-    command = [*prefix, "-m", "lm_eval", "--model", backend, "--model_args", f"pretrained={model}", "--tasks", ",".join(tasks)]
+    command = [*_launch(sys.executable, launcher), "-m", "lm_eval", "--model", backend, "--model_args", f"pretrained={model}", "--tasks", ",".join(tasks)]
     command += ["--device", device, "--batch_size", batch_size, "--output_path", str(raw)]
     command += ["--limit", str(limit)] if limit else []
     command += ["--include_path", str(include)] if include else []
@@ -117,9 +122,8 @@ def run_lmms_eval(
 ) -> dict[str, tuple[str, float]]:
     """One MLLM's visual tasks in lmms-eval's own process (``python``: the interpreter of the
     environment lmms-eval is installed in), through its ``llava_hf`` model."""
-    prefix = [python, "-m", "accelerate.commands.launch"] if launcher == "accelerate" else [python]
     # device_map named too: transformers 5 refuses the empty one lmms-eval passes by default
-    command = [*prefix, "-m", "lmms_eval", "--model", "llava_hf", "--model_args", f"pretrained={model},device={device},device_map={device}"]
+    command = [*_launch(python, launcher), "-m", "lmms_eval", "--model", "llava_hf", "--model_args", f"pretrained={model},device={device},device_map={device}"]
     command += ["--tasks", ",".join(tasks), "--batch_size", "1", "--output_path", str(raw), "--log_samples"]  # its llava_hf takes batches of 1 only
     command += ["--limit", str(limit)] if limit else []
     command += ["--include_path", str(include)] if include else []

@@ -20,6 +20,7 @@ from huggingface_hub import ModelCardData
 from huggingface_hub.repocard import metadata_load
 from yaml import YAMLError
 
+from .checkpoint import is_hub_id
 from .registry import resolve
 from .report import located_share
 
@@ -58,9 +59,8 @@ def merged_licence(tuned: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[s
 
 
 def hub_id(ref: str) -> str | None:
-    """``ref`` if it names a Hub repository (``owner/name``, not a directory here), else None."""
-    parts = ref.split("/")
-    return ref if len(parts) == 2 and all(parts) and not Path(ref).exists() and not ref.startswith((".", "~")) else None
+    """``ref`` if it names a Hub repository (``fusion.checkpoint.is_hub_id``), else None."""
+    return ref if is_hub_id(ref) else None
 
 
 def _shown(ref: str) -> str:

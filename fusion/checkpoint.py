@@ -267,6 +267,11 @@ class Checkpoint:
         return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
+def is_hub_id(ref: str) -> bool:
+    """Whether ``ref`` names a Hub repository (``owner/name``) rather than a directory here."""
+    return bool(_HUB_ID.match(ref)) and not Path(ref).expanduser().exists()
+
+
 def resolve_directory(ref: str, *, allow_pickle: bool = True) -> Path:
     """A local directory as it is, or a hub repo id fetched into the Hugging Face cache: its
     safetensors weights and sidecar files, or, for a repo without safetensors (Vicuna v1.5 ships
@@ -277,7 +282,7 @@ def resolve_directory(ref: str, *, allow_pickle: bool = True) -> Path:
         if not path.is_dir():
             raise FusionError(f"{ref}: not a directory (expected a model directory or a hub repo id)")
         return path
-    if not _HUB_ID.match(ref):
+    if not is_hub_id(ref):
         raise FusionError(f"{ref}: no such directory, and not a hub repo id of the form owner/name")
     directory = _snapshot(ref, (*SAFETENSORS_PATTERNS, *SIDECAR_PATTERNS, CARD_PATTERN))
     if allow_pickle and not any(directory.glob("*.safetensors")):

@@ -11,7 +11,6 @@ tensor by tensor, staged, published whole, reused when it is there (``fusion.out
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -22,7 +21,7 @@ from typing import Any
 from . import __version__
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import FusionError
-from .merge import plan_merge
+from .merge import cache_key, plan_merge
 from .output import claim, read_recipe
 from .writer import Entry, ShardedWriter, plan_shards
 
@@ -74,7 +73,7 @@ def export_language_model(model_ref: str, out: str | Path, *, base_ref: str | No
         if p.base_name not in names or p.name.endswith(p.base_name):
             names[p.base_name] = p
     record = {"library": "neuron-fusion-studio", "version": __version__, "export": "language-model", "model": model.ref, "base": base.ref}
-    key = hashlib.sha256(json.dumps([record, model.fingerprint(), base.fingerprint()], sort_keys=True, default=str).encode()).hexdigest()
+    key = cache_key(record, model, base)
     slot = claim(Path(out), key, cached=False)
     if slot.recipe is not None:
         return ExportResult(slot.out, True, slot.recipe, time.perf_counter() - start)

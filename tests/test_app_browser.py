@@ -8,6 +8,8 @@ import json
 import re
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,20 +38,27 @@ def settled_texts(locator, timeout: float = 60.0) -> list[str]:
     raise AssertionError(f"answers still changing after {timeout} s: {last}")
 
 
-@pytest.fixture
-def page(app):
-    """A fresh browser page on the running app, once its models are ready."""
+@contextmanager
+def opened(url: str, ready: str = "Ready") -> Iterator:
+    """A fresh Chromium page on the app at ``url``, once its status line says ``ready``."""
     from playwright.sync_api import expect, sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM))
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(app.url)
-            expect(page.locator("#nf-status")).to_contain_text("Ready", timeout=30_000)
+            page.goto(url)
+            expect(page.locator("#nf-status")).to_contain_text(ready, timeout=30_000)
             yield page
         finally:
             browser.close()
+
+
+@pytest.fixture
+def page(app):
+    """A fresh browser page on the running app, once its models are ready."""
+    with opened(app.url) as page:
+        yield page
 
 
 def test_text_chat_in_browser(page, tmp_path: Path) -> None:
@@ -190,40 +199,33 @@ def test_fusion_controls_keep_the_apps_recipe_and_plots_show_for_every_method(re
     """The status line and fused column titles name the recipe; picking another method and
     back brings the app's settings back (not the method's defaults), as does the reset
     button; a TIES fusion renames the fused columns and still draws the pair's change."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1100})
-            page.goto(recipe_app.url)
-            expect(page.locator("#nf-status")).to_contain_text("fused with neu-p-taska · suppress 0.3 (preset pocket)", timeout=30_000)
-            expect(page.get_by_text("Pocket-LLaVA + Neuron-Fusion (neu-p-taska · suppress 0.3)", exact=True).locator("visible=true")).to_have_count(1)
-            page.get_by_role("tab", name="Fusion").click()
-            suppress = page.locator(".nf-param").filter(has_text="suppress").locator("input[type=number]")
-            expect(suppress).to_have_value("0.3")
-            expect(page.locator("#nf-curve img")).to_be_visible()
-            expect(page.locator("#nf-share img")).to_be_visible()
-            pick(page, "ties")
-            expect(page.locator(".nf-param").filter(has_text="density").first).to_be_visible()
-            expect(suppress).to_be_hidden()
-            pick(page, "neu-p-taska")
-            expect(suppress).to_have_value("0.3")  # the app's recipe, not the default 0.1
-            suppress.fill("0.7")
-            suppress.press("Enter")
-            page.locator("#nf-reset").click()
-            expect(suppress).to_have_value("0.3")
-            expect(page.locator("#nf-fuse-note")).to_contain_text("back to the app's recipe, neu-p-taska · suppress 0.3")
-            pick(page, "ties")
-            page.locator("#nf-fuse").click()
-            expect(page.locator("#nf-fuse-note")).to_contain_text("Fused with ties", timeout=60_000)
-            expect(page.locator("#nf-fuse-note")).to_contain_text("Every setting is at its default.")
-            expect(page.locator("#nf-curve img")).to_be_visible()  # the pair's change, though TIES locates nothing
-            page.get_by_role("tab", name="Text chat").click()
-            expect(page.get_by_text("Pocket-LLaVA + ties", exact=True).locator("visible=true")).to_have_count(1)  # the text tab's fused column
-            expect(page.get_by_text("Error", exact=True)).to_have_count(0)
-        finally:
-            browser.close()
+    with opened(recipe_app.url, "fused with neu-p-taska · suppress 0.3 (preset pocket)") as page:
+        expect(page.get_by_text("Pocket-LLaVA + Neuron-Fusion (neu-p-taska · suppress 0.3)", exact=True).locator("visible=true")).to_have_count(1)
+        page.get_by_role("tab", name="Fusion").click()
+        suppress = page.locator(".nf-param").filter(has_text="suppress").locator("input[type=number]")
+        expect(suppress).to_have_value("0.3")
+        expect(page.locator("#nf-curve img")).to_be_visible()
+        expect(page.locator("#nf-share img")).to_be_visible()
+        pick(page, "ties")
+        expect(page.locator(".nf-param").filter(has_text="density").first).to_be_visible()
+        expect(suppress).to_be_hidden()
+        pick(page, "neu-p-taska")
+        expect(suppress).to_have_value("0.3")  # the app's recipe, not the default 0.1
+        suppress.fill("0.7")
+        suppress.press("Enter")
+        page.locator("#nf-reset").click()
+        expect(suppress).to_have_value("0.3")
+        expect(page.locator("#nf-fuse-note")).to_contain_text("back to the app's recipe, neu-p-taska · suppress 0.3")
+        pick(page, "ties")
+        page.locator("#nf-fuse").click()
+        expect(page.locator("#nf-fuse-note")).to_contain_text("Fused with ties", timeout=60_000)
+        expect(page.locator("#nf-fuse-note")).to_contain_text("Every setting is at its default.")
+        expect(page.locator("#nf-curve img")).to_be_visible()  # the pair's change, though TIES locates nothing
+        page.get_by_role("tab", name="Text chat").click()
+        expect(page.get_by_text("Pocket-LLaVA + ties", exact=True).locator("visible=true")).to_have_count(1)  # the text tab's fused column
+        expect(page.get_by_text("Error", exact=True)).to_have_count(0)
 
 
 def test_follow_ups_and_a_chats_trash_icon(page) -> None:
