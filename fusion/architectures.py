@@ -53,37 +53,62 @@ class Layout:
 
 # Checked in order: the first whose marker starts some key is the layout.
 LAYOUTS: tuple[Layout, ...] = (
-    # llava-hf on-disk layout (transformers < 4.52, and what the llava-hf repos ship)
+    # What the llava-hf repos ship (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision; transformers < 4.52
+    # saved this way): the language model under ``language_model.``, the vision modules at the top.
     Layout(
         "llava",
         "language_model.",
         (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
-        ("vision_tower.", "multi_modal_projector."),
+        ("vision_tower.", "multi_modal_projector.", "image_newline"),
     ),
-    # the newer layout (transformers >= 4.52 in memory, and on disk when saved by it)
+    # How transformers 5 names every supported MLLM in memory (and on disk when a LLaVA is saved
+    # by transformers >= 4.52): the language model under ``model.language_model.``.
     Layout(
-        "llava-nested",
+        "nested",
         "model.language_model.",
         (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
-        ("model.vision_tower.", "model.multi_modal_projector."),
+        ("model.vision_tower.", "model.multi_modal_projector.", "model.image_newline", "model.visual."),
     ),
+    # What Qwen2-VL and Qwen2.5-VL repos ship (and transformers 5 still saves): the language model
+    # under the base LLM's own names, the vision tower and its merger under ``visual.``.
+    Layout("qwen-vl", "visual.", (("model.", "model."), ("lm_head.", "lm_head.")), ("visual.",)),
     # a plain LLM fine-tuned from the base: every tensor maps to itself
     Layout("llm", "", (("", ""),)),
 )
 
-# How transformers names a loaded LLaVA's parameters, whatever layout its checkpoint has.
-LLAVA_IN_MEMORY = "llava-nested"
+# How transformers names a loaded MLLM's parameters, whatever layout its checkpoint has.
+IN_MEMORY = "nested"
 
-# Attribute names (on ``LlavaForConditionalGeneration.model``) of the modules the merge copies
-# unchanged: the app lets the fused model borrow the original's, and 4-bit loading leaves them
-# in full precision so that both models hold the same values.
-SHARED_MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
-
+# Attribute names (on the loaded MLLM's ``.model``) of the modules the merge copies unchanged,
+# across the supported MLLM classes (LLaVA, LLaVA-NeXT and LLaVA-OneVision: a vision tower and a
+# projector; Qwen2.5-VL: ``visual``, its tower with the merger that projects it): the app lets a
+# fused model borrow the original's, and 4-bit loading leaves them in full precision so that
+# both hold the same values. LLaVA-NeXT's ``image_newline`` is one vector, copied with the rest.
+SHARED_MODULES: tuple[str, ...] = ("vision_tower", "multi_modal_projector", "visual")
 
 # Tokens a vision tower adds before its patch tokens (CLIP's class token), by its config's
 # model_type: a LLaVA processor needs it to expand <image> into the right number of tokens,
 # and repos converted before processors recorded it (TinyLLaVA) leave it unset.
 VISION_EXTRA_TOKENS: dict[str, int] = {"clip_vision_model": 1, "siglip_vision_model": 0}
+
+# A multimodal model whose language model is not named by a ``model_type`` the families know:
+# Qwen2.5-VL's config keeps the language model's fields at its top level under its own
+# ``model_type`` (and transformers 5 saves them as a ``text_config`` of type ``qwen2_5_vl_text``);
+# its language model is a Qwen2 one, as is Qwen2-VL's.
+LANGUAGE_MODEL_TYPES: dict[str, str] = {
+    "qwen2_vl": "qwen2",
+    "qwen2_vl_text": "qwen2",
+    "qwen2_5_vl": "qwen2",
+    "qwen2_5_vl_text": "qwen2",
+}
+
+
+def language_config(config: dict) -> dict:
+    """The language model's fields of a model's config (``text_config`` of a multimodal model,
+    else the config itself), its ``model_type`` the language model's family name."""
+    text = config.get("text_config") or config
+    kind = text.get("model_type")
+    return {**text, "model_type": LANGUAGE_MODEL_TYPES[kind]} if kind in LANGUAGE_MODEL_TYPES else text
 
 
 def detect_layout(keys: list[str]) -> Layout:
@@ -118,10 +143,13 @@ class Family:
     """A language-model family the library can locate neurons in and merge.
 
     ``layer_tensor``: a regex over base-LLM names with groups (layer, projection, weight|bias).
-    ``config_fields``: fields that must agree between tuned and base (an absent
-    ``num_key_value_heads`` means ``num_attention_heads``). ``vocab_tensors``: tensors whose
-    rows are the vocabulary (a tuned MLLM may add rows; those are copied from it).
-    ``tied_head``: (head, embedding) names: with ``tie_word_embeddings`` the base has no head.
+    ``config_fields``: fields that must agree between tuned and base, as they fix the shapes and
+    meaning of the weights (an absent ``num_key_value_heads`` means ``num_attention_heads``).
+    ``free_fields``: fields that legitimately differ between a family's MLLM and its base LLM
+    (context length, sliding window, rope scaling: they change how positions are read, not the
+    weights); a difference there is reported, not refused. ``vocab_tensors``: tensors whose rows
+    are the vocabulary (a tuned MLLM may add rows; those are copied from it). ``tied_head``:
+    (head, embedding) names: with ``tie_word_embeddings`` the base has no head.
     """
 
     name: str
@@ -129,6 +157,7 @@ class Family:
     layer_tensor: re.Pattern[str]
     groups: tuple[NeuronGroup, ...]
     config_fields: tuple[str, ...]
+    free_fields: tuple[str, ...]
     vocab_tensors: tuple[str, ...]
     tied_head: tuple[str, str]
 
@@ -138,29 +167,43 @@ class Family:
         return config.get(field)
 
 
-LLAMA = Family(
-    name="llama",
-    # Mistral and Qwen2 share Llama's tensor names; Qwen2 adds q/k/v biases (row members)
-    model_types=("llama", "mistral", "qwen2"),
-    layer_tensor=re.compile(r"^model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+_proj)\.(weight|bias)$"),
-    groups=(
-        NeuronGroup("ffn", rows=("mlp.gate_proj", "mlp.up_proj"), cols=("mlp.down_proj",)),
-        NeuronGroup("attn_q", rows=("self_attn.q_proj",)),
-        NeuronGroup("attn_k", rows=("self_attn.k_proj",)),
-        NeuronGroup("attn_v", rows=("self_attn.v_proj",), cols=("self_attn.o_proj",), split=("attn_v", "attn_o")),
-    ),
-    config_fields=("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size"),
-    vocab_tensors=("model.embed_tokens.weight", "lm_head.weight"),
-    tied_head=("lm_head.weight", "model.embed_tokens.weight"),
+# Llama, Mistral and Qwen2 decoder layers share their tensor names; Qwen2 adds q/k/v biases,
+# which the regex takes as row members of their projections' neurons.
+_DECODER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.((?:self_attn|mlp)\.\w+_proj)\.(weight|bias)$")
+_DECODER_GROUPS = (
+    NeuronGroup("ffn", rows=("mlp.gate_proj", "mlp.up_proj"), cols=("mlp.down_proj",)),
+    NeuronGroup("attn_q", rows=("self_attn.q_proj",)),
+    NeuronGroup("attn_k", rows=("self_attn.k_proj",)),
+    NeuronGroup("attn_v", rows=("self_attn.v_proj",), cols=("self_attn.o_proj",), split=("attn_v", "attn_o")),
+)
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
+_TIED = ("lm_head.weight", "model.embed_tokens.weight")
+
+LLAMA = Family("llama", ("llama",), _DECODER_TENSOR, _DECODER_GROUPS, _SHAPE_FIELDS, ("max_position_embeddings", "rope_scaling"), _VOCAB, _TIED)
+# LLaVA-NeXT-Mistral keeps its base's sliding window (none for Mistral-7B-Instruct-v0.2); one
+# that differs changes which positions attend, not the weights.
+MISTRAL = Family("mistral", ("mistral",), _DECODER_TENSOR, _DECODER_GROUPS, (*_SHAPE_FIELDS, "head_dim"), ("max_position_embeddings", "sliding_window", "rope_theta"), _VOCAB, _TIED)
+# Qwen2.5-VL differs from Qwen2.5-7B in its context length, sliding window and rope scaling
+# (multimodal rope, "mrope"); LLaVA-OneVision drops its base's sliding-window fields.
+QWEN2 = Family(
+    "qwen2",
+    ("qwen2",),
+    _DECODER_TENSOR,
+    _DECODER_GROUPS,
+    _SHAPE_FIELDS,
+    ("max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers", "rope_scaling", "rope_parameters"),
+    _VOCAB,
+    _TIED,
 )
 
-FAMILIES: tuple[Family, ...] = (LLAMA,)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
 
 
 def family_for(model_type: str | None) -> Family:
     """The family of a language model's ``model_type`` (from its config); a config that names
-    none is read as Llama, the family every supported preset belongs to."""
+    none is read as Llama (the oldest llava-hf configs leave it out)."""
     for family in FAMILIES:
         if model_type is None or model_type in family.model_types:
             return family

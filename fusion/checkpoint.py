@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .architectures import language_config
 from .errors import FusionError
 
 # Files that make a checkpoint usable besides its weights; copied from the tuned model.
@@ -238,8 +239,8 @@ class Checkpoint:
             raise FusionError(f"{info.file}: cannot read tensor '{name}': {err}") from None
 
     def text_config(self) -> dict[str, Any]:
-        """The language model's config: ``text_config`` of a multimodal model, else the config."""
-        return self.config.get("text_config") or self.config
+        """The language model's config (``architectures.language_config``)."""
+        return language_config(self.config)
 
     def sidecar_files(self) -> Iterator[Path]:
         """The sidecar files there are, each checked: a symbolic link must lead to a file inside

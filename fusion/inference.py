@@ -4,9 +4,11 @@ behaviour bench and the app.
 Models are found the way the merge finds them (``fusion.checkpoint.resolve_directory``: a local
 directory, or a hub repo in the cache or downloaded), so a model the merge can read, the app can
 load. Prompts go through the model's own chat template (``apply_chat_template``); a base LLM
-whose tokenizer has none (Vicuna v1.5 ships without one) gets Vicuna v1.1's format, and a LLaVA
-whose processor has none (TinyLLaVA) gets LLaVA-1.5's. Decoding is greedy, so answers are
-repeatable.
+whose tokenizer has none (Vicuna v1.5 ships without one) gets Vicuna v1.1's format, a LLaVA
+whose processor has none gets LLaVA-1.5's (TinyLLaVA) or, with a Llama 3 vocabulary, Llama 3's
+(XTuner's LLaVA-Llama-3). Decoding is greedy, so answers are repeatable. Any MLLM class that
+transformers maps from its config (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL) loads the same
+way; their processors are asked for images only (``load_processor``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from PIL import Image
 
 from .architectures import SHARED_MODULES, VISION_EXTRA_TOKENS
-from .checkpoint import resolve_directory
+from .checkpoint import read_json_object, resolve_directory
 from .errors import FusionError
 
 # How long a closed stream waits for its generation thread: one forward pass, even of a 7B
@@ -43,6 +45,18 @@ LLAVA_TEMPLATE = (
     "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] + ' ' }}{% endfor %}"
     "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
+# Llama 3's conversation format with LLaVA's "<image>" first in the turn: what XTuner's
+# LLaVA-Llama-3 was tuned on (its repo ships no chat template).
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}{% endif %}"
+    "{{ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Image tokens one picture may cost where a processor sizes them by its pixels (Qwen2.5-VL's
+# default allows 16,384, minutes of compute on a CPU): 1,280 is a 1000x1000 picture's worth.
+MAX_IMAGE_TOKENS = 1280
 # Python packages that tokenizer files need, by file: a Llama tokenizer shipped only as a
 # SentencePiece model is read (and converted) with these.
 _TOKENIZER_PACKAGES = {"tokenizer.model": ("sentencepiece", "google.protobuf")}
@@ -78,9 +92,53 @@ def quantization(device: torch.device) -> Any:
     )
 
 
+def fallback_template(tokenizer: Any, multimodal: bool) -> str:
+    """The chat format for a model whose files carry none (see the module's docstring)."""
+    if "<|start_header_id|>" in tokenizer.get_vocab():
+        return LLAMA3_TEMPLATE
+    return LLAVA_TEMPLATE if multimodal else VICUNA_TEMPLATE
+
+
+def load_processor(directory: Path) -> Any:
+    """The MLLM's processor. LLaVA-OneVision's and Qwen2.5-VL's come with a video processor,
+    which needs torchvision; where it is missing, the processor is loaded without one (this
+    library asks about images and text only) rather than not at all."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(directory))
+    except ImportError as err:
+        if "video" not in str(err).lower():
+            raise
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    files = [directory / f for f in ("processor_config.json", "preprocessor_config.json") if (directory / f).is_file()]
+    name = next((n for f in files if isinstance(n := read_json_object(f, "processor config").get("processor_class"), str)), None)
+    cls = processor_class_from_name(name) if name else None
+    if cls is None:
+        raise FusionError(f"{directory}: its processor files name no processor class this transformers knows ({name!r})")
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda _: attributes)})
+    return image_only.from_pretrained(str(directory))
+
+
+def bound_image_tokens(processor: Any) -> None:
+    """Cap the image tokens of a processor that sizes them by pixels (``MAX_IMAGE_TOKENS``);
+    tiling processors (LLaVA-NeXT, LLaVA-OneVision) are bounded by their grids already."""
+    image = getattr(processor, "image_processor", None)
+    merge, size = getattr(image, "merge_size", None), getattr(image, "size", None)
+    longest = getattr(size, "longest_edge", None)
+    if merge and longest:
+        cap = MAX_IMAGE_TOKENS * (image.patch_size * merge) ** 2
+        image.size = {"shortest_edge": size.shortest_edge, "longest_edge": min(longest, cap)}
+
+
 def complete_processor(processor: Any, config: Any) -> None:
     """Fill in what a LLaVA processor needs to count image tokens from the model's config, for
-    repos without a processor_config.json (TinyLLaVA's): without them every image fails."""
+    repos without a processor_config.json (TinyLLaVA's): without them every image fails.
+    Processors that count tokens otherwise (Qwen2.5-VL's, by pixels) need nothing."""
+    if not hasattr(config, "vision_feature_select_strategy"):
+        return
     if getattr(processor, "patch_size", None) is None:
         processor.patch_size = config.vision_config.patch_size
     if getattr(processor, "vision_feature_select_strategy", None) is None:
@@ -124,7 +182,7 @@ class ChatModel:
         model to nf4 (bitsandbytes, on CUDA or a CPU). On CUDA the weights are placed with
         ``device_map="auto"``: a model too large for the GPU spills to CPU memory instead of
         failing. Never runs remote code."""
-        from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
         directory = resolve_directory(str(ref))
         check_tokenizer_packages(directory)
@@ -137,19 +195,20 @@ class ChatModel:
             kwargs["device_map"] = "auto"
         elif load_4bit:
             kwargs["device_map"] = {"": "cpu"}
-        loader = LlavaForConditionalGeneration if multimodal else AutoModelForCausalLM
+        loader = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         model = loader.from_pretrained(str(directory), **kwargs).eval()
         if "device_map" not in kwargs:
             model.to(target)
-        processor = (AutoProcessor if multimodal else AutoTokenizer).from_pretrained(str(directory))
+        processor = load_processor(directory) if multimodal else AutoTokenizer.from_pretrained(str(directory))
         tokenizer = processor.tokenizer if multimodal else processor
         tokenizer.padding_side = "left"
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
         if processor.chat_template is None:
-            processor.chat_template = LLAVA_TEMPLATE if multimodal else VICUNA_TEMPLATE
+            processor.chat_template = fallback_template(tokenizer, multimodal)
         if multimodal:
             complete_processor(processor, model.config)
+            bound_image_tokens(processor)
         return cls(model, processor, multimodal, name or str(ref))
 
     def prompt(self, question: str, image: bool, history: Sequence[tuple[str, str]] = ()) -> str:

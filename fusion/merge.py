@@ -96,7 +96,8 @@ class FuseResult:
 
 def check_compatible(tuned: Checkpoint, base: Checkpoint) -> Family:
     """Same language-model architecture and sizes, from the two config.json files; returns the
-    family they belong to."""
+    family they belong to. Fields the family lets differ (context length, sliding window, rope
+    scaling) are logged when they do."""
     tc, bc = tuned.text_config(), base.text_config()
     family = family_for(bc.get("model_type") or tc.get("model_type"))
     for key in family.config_fields:
@@ -107,6 +108,9 @@ def check_compatible(tuned: Checkpoint, base: Checkpoint) -> Family:
                 f"base {base.ref} has {b} ({base.directory / 'config.json'}); the base must be the LLM the tuned model "
                 "was trained from"
             )
+    differ = [f"{key} (tuned {tc.get(key)}, base {bc.get(key)})" for key in family.free_fields if key in tc and key in bc and tc[key] != bc[key]]
+    if differ:
+        log.info("the language models' configs differ where %s models may (the weights are merged all the same): %s", family.name, "; ".join(differ))
     return family
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
+from fusion.architectures import IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.checkpoint import Checkpoint
 from fusion.inference import ChatModel, compute_dtype
 from fusion.merge import MergeStream, Progress
@@ -122,7 +122,7 @@ def build_variant(original: ChatModel, stream: MergeStream, title: str, name: st
     """The fused model of ``stream``'s recipe, built in memory next to ``original``."""
     start = time.perf_counter()
     model = _shallow_copy(original.model)
-    in_memory = layout_named(LLAVA_IN_MEMORY)
+    in_memory = layout_named(IN_MEMORY)
     for planned, tensor in stream.tensors(progress, merged_only=True, started=start):
         base_name = stream.layout.base_key(planned.name)
         _assign(model, in_memory.tuned_key(base_name), tensor)

@@ -23,7 +23,7 @@ from fusion.merge import RECIPE_FILE, REPORT_FILE, fuse, inspect_pair
 from fusion.output import damage
 from tiny_models import BASE_VOCAB, IMAGE_TOKEN, build_pair, load_llava, write_checkpoint
 
-LAYOUTS = ["llava", "llava-nested", "llm"]
+LAYOUTS = ["llava", "nested", "llm"]
 SMALL_SHARDS = 24_000  # bytes: several output shards even for tiny models
 
 
@@ -124,7 +124,7 @@ def test_vision_tower_and_projector_bytes_untouched(tiny, tmp_path, method):
 
 
 def test_merged_llava_loads_and_generates(tmp_path_factory):
-    for layout in ("llava", "llava-nested"):
+    for layout in ("llava", "nested"):
         pair = build_pair(tmp_path_factory.mktemp(f"gen-{layout}"), layout=layout)
         result = fuse(str(pair.tuned), str(pair.base), "neu-p-taska", out=pair.tuned.parent / "fused", shard_bytes=SMALL_SHARDS)
         model = load_llava(result.path).eval()

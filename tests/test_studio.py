@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 from fusion import plots
-from fusion.architectures import LLAVA_IN_MEMORY, SHARED_MODULES, layout_named
+from fusion.architectures import IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.errors import FusionError
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset, preset_sweep
@@ -162,7 +162,7 @@ def test_in_memory_fusion_equals_the_written_checkpoint(studio: state.Studio, tm
     written = fuse(pair.preset.tuned, pair.preset.base, pair.default.recipe, out=tmp_path / "fused", device="cpu")
     on_disk = {k: v for f in written.path.glob("*.safetensors") for k, v in load_file(f).items()}
     in_memory = pair.fused.model.state_dict()
-    layout = layout_named(LLAVA_IN_MEMORY)
+    layout = layout_named(IN_MEMORY)
     compared = 0
     for name, tensor in on_disk.items():
         base_name = layout_named("llava").base_key(name) if name.startswith("language_model.") else None

@@ -71,7 +71,7 @@ def _perturb(weights: dict[str, torch.Tensor], hot_layers: int, gen: torch.Gener
 
 
 def build_pair(root: Path, *, layout: str = "llava", dtype: torch.dtype = torch.bfloat16, seed: int = 0, shards: int = 3, kv_heads: int = 4) -> Pair:
-    """A base LLM and a tuned model: layout 'llava' (language_model.model.*), 'llava-nested'
+    """A base LLM and a tuned model: layout 'llava' (language_model.model.*), 'nested'
     (model.language_model.*) or 'llm' (a plain fine-tuned LLM)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
