@@ -20,10 +20,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
+import torch
 
+from fusion.architectures import IN_MEMORY, detect_layout, layout_named
 from fusion.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,3 +164,22 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliRun]:
 
     return run
 
+
+def safetensors_in(directory: Path) -> dict[str, Any]:
+    """Every tensor of a directory's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    return {k: v for f in directory.glob("*.safetensors") for k, v in load_file(f).items()}
+
+
+def in_memory_equals_written(pair: Any, out: Path) -> int:
+    """Assert that the fused model built in memory holds the tensors ``fuse`` wrote to ``out``
+    (the on-disk layout mapped to transformers' names); returns how many were compared."""
+    on_disk = safetensors_in(out)
+    disk, memory = detect_layout(list(on_disk)), layout_named(IN_MEMORY)
+    state = pair.fused.model.state_dict()
+    for name, tensor in on_disk.items():
+        base_name = disk.base_key(name)
+        key = memory.tuned_key(base_name) if base_name else "model." + name
+        assert torch.equal(state[key], tensor), key
+    return len(on_disk)

@@ -9,11 +9,15 @@ reads. The facts below were read off the real repositories (their file listings,
 tokenizer and processor files, shard indexes) and are written here so that the tests need
 nothing outside the project.
 
-Shrunk: vocabulary 32000 → ``VOCAB`` (a SentencePiece model trained here), padded vocabulary
-32064 → ``VOCAB + 64`` (the same 64 extra rows), hidden sizes (kept multiples of 32 where 4-bit
-runs on them, as bitsandbytes' CPU kernel needs and every real size is). Kept: layer counts,
-image size and patch size (576 image tokens), dtypes, special-token ids relative to the
-vocabulary, every file name.
+Shrunk: vocabularies (Llama 2 and Mistral's 32000 → ``VOCAB``, a SentencePiece model trained
+here; Qwen2's 151643 and Llama 3's 128000 BPE tokens → ``BPE_VOCAB``, a byte-level BPE trained
+here, their special tokens after it in the real order), padded vocabularies by the same extra
+rows (32064 → ``VOCAB + 64``), widths (multiples of 64 wherever 4-bit runs on them, as
+bitsandbytes' CPU kernel needs and every real size is; head counts and grouped-query ratios
+scaled with them, Qwen2.5-VL's rope sections with its head width). Kept: layer counts and vision
+depths, image, tile and patch sizes, grid pinpoints, dtypes, special-token ids relative to the
+vocabulary, every file name, the shard files (their split estimated from the real file sizes
+where no index was seen, and said so).
 """
 
 from __future__ import annotations
@@ -346,7 +350,8 @@ def _by_layers(starts: tuple[int, ...], shards: int | None = None) -> Callable[[
 
 
 def llava_15_13b() -> PresetReplica:
-    """llava-hf/llava-1.5-13b-hf (6 safetensors shards, 40 layers, 40 heads) and
+    """llava-hf/llava-1.5-13b-hf (6 safetensors shards, 40 layers, 40 heads; no processor_config.json
+    or chat_template.jinja in its tree, unlike the 7B's) and
     lmsys/vicuna-13b-v1.5 (pickle .bin shards, tokenizer.model only, no chat template; three
     shards as its v1.3 sibling's 9.95 / 9.9 / 6.18 GB, the v1.5 tree was not seen)."""
     seven = llava_15_7b()
@@ -356,7 +361,7 @@ def llava_15_13b() -> PresetReplica:
     vicuna_config = _text_config({**seven.base.config, "_name_or_path": "vicuna-13b-v1.5", "max_length": 4096}, vocab=VOCAB, **sizes)
     tuned = Repo("llava-hf/llava-1.5-13b-hf", llava_config, "safetensors",
                  _files("model-{:05d}-of-{:05d}.safetensors", 6, _by_layers((0, 7, 15, 23, 31, 39))), torch.float16, "both",
-                 seven.tuned.sidecars, seven.tuned.added)
+                 {k: v for k, v in seven.tuned.sidecars.items() if k not in ("chat_template.jinja", "processor_config.json")}, seven.tuned.added)
     base = Repo("lmsys/vicuna-13b-v1.5", vicuna_config, "bin", _files("pytorch_model-{:05d}-of-{:05d}.bin", 3, _by_layers((0, 16, 32))), torch.float16,
                 "model", seven.base.sidecars, rotary_buffers=True)
     return PresetReplica("llava-1.5-13b", tuned, base)

@@ -18,8 +18,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
+from conftest import in_memory_equals_written
 from fusion import plots
-from fusion.architectures import IN_MEMORY, SHARED_MODULES, layout_named
 from fusion.errors import FusionError
 from fusion.merge import Progress, fuse
 from fusion.presets import ASSETS, get_preset, preset_sweep
@@ -31,6 +31,7 @@ from studio.settings import Settings, parse_settings
 from studio.variants import Pair, Variant, VariantStore
 
 QUESTION = "What sound does a cow make?"
+LLAVA_SHARED = ["vision_tower", "multi_modal_projector"]  # what a LLaVA's fused model borrows from its original
 
 
 @pytest.fixture(scope="module")
@@ -148,28 +149,18 @@ def test_a_photo_is_turned_the_way_its_exif_says(tmp_path: Path) -> None:
 def test_loads_and_shares_the_vision_tower(studio: state.Studio) -> None:
     assert studio.status.state == "ready" and studio.status.seconds is not None
     pair = studio.ready()
-    assert pair.shared == list(SHARED_MODULES)
-    for name in SHARED_MODULES:
+    assert pair.shared == LLAVA_SHARED
+    for name in LLAVA_SHARED:
         assert getattr(pair.fused.model.model, name) is getattr(pair.original.model.model, name)
     assert pair.default.report, "Neuron-Fusion reports what it located"
 
 
 def test_in_memory_fusion_equals_the_written_checkpoint(studio: state.Studio, tmp_path: Path) -> None:
     """The default variant, built in memory, holds exactly the tensors ``fuse`` writes to disk."""
-    from safetensors.torch import load_file
-
     pair = studio.ready()
     written = fuse(pair.preset.tuned, pair.preset.base, pair.default.recipe, out=tmp_path / "fused", device="cpu")
-    on_disk = {k: v for f in written.path.glob("*.safetensors") for k, v in load_file(f).items()}
-    in_memory = pair.fused.model.state_dict()
-    layout = layout_named(IN_MEMORY)
-    compared = 0
-    for name, tensor in on_disk.items():
-        base_name = layout_named("llava").base_key(name) if name.startswith("language_model.") else None
-        key = layout.tuned_key(base_name) if base_name else "model." + name
-        assert torch.equal(in_memory[key], tensor), key
-        compared += 1
-    assert compared == len(on_disk) and written.recipe["key"] == pair.default.key
+    assert in_memory_equals_written(pair, written.path) == len(pair.checkpoints[0].keys())
+    assert written.recipe["key"] == pair.default.key
 
 
 def test_unknown_preset_falls_back_to_pocket(tmp_path: Path) -> None:
@@ -194,7 +185,10 @@ def test_4bit_on_a_cpu_quantizes_both_models_and_answers(tmp_path: Path) -> None
         linear = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         assert linear and all(isinstance(m, Linear4bit) for m in linear)
         assert not any(isinstance(m, Linear4bit) for m in model.model.vision_tower.modules())
-    assert pair.shared == list(SHARED_MODULES)
+        # pocket's 160-wide layers do not fit bitsandbytes' repacked AVX-512 CPU kernel (outputs
+        # in 32s, inputs in 64s): they keep the plain one, or they fail on such a CPU
+        assert all(not m.support_avx512bf16_for_cpu for m in linear if m.in_features % 64 or m.out_features % 32)
+    assert pair.shared == LLAVA_SHARED
     assert pair.fused.model.model.vision_tower is pair.original.model.model.vision_tower
     out = s.compare(QUESTION)
     assert out["original"]["answer"] and out["fused"]["answer"]
