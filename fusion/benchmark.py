@@ -117,14 +117,26 @@ def run_lm_eval(
     return _scores(_harness(command, raw, "lm-eval", model), tasks)
 
 
+# lmms-eval's model for each MLLM type (its ``llava_hf`` loads the transformers LLaVA classes;
+# Qwen2.5-VL has one of its own).
+LMMS_MODELS = {"llava": "llava_hf", "llava_next": "llava_hf", "llava_onevision": "llava_hf", "qwen2_5_vl": "qwen2_5_vl"}
+
+
+def lmms_model(model_type: str | None) -> str:
+    """lmms-eval's model name for an MLLM's config ``model_type``."""
+    if model_type not in LMMS_MODELS:
+        raise FusionError(f"lmms-eval runs {', '.join(sorted(LMMS_MODELS))} models here, not '{model_type}'")
+    return LMMS_MODELS[model_type]
+
+
 def run_lmms_eval(
-    python: str, model: Path | str, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, launcher: str
+    python: str, model: Path | str, tasks: tuple[str, ...], raw: Path, *, include: Path | None, limit: int | None, device: str, launcher: str, kind: str = "llava_hf"
 ) -> dict[str, tuple[str, float]]:
     """One MLLM's visual tasks in lmms-eval's own process (``python``: the interpreter of the
-    environment lmms-eval is installed in), through its ``llava_hf`` model."""
+    environment lmms-eval is installed in), through its model ``kind`` (``lmms_model``)."""
     # device_map named too: transformers 5 refuses the empty one lmms-eval passes by default
-    command = [*_launch(python, launcher), "-m", "lmms_eval", "--model", "llava_hf", "--model_args", f"pretrained={model},device={device},device_map={device}"]
-    command += ["--tasks", ",".join(tasks), "--batch_size", "1", "--output_path", str(raw), "--log_samples"]  # its llava_hf takes batches of 1 only
+    command = [*_launch(python, launcher), "-m", "lmms_eval", "--model", kind, "--model_args", f"pretrained={model},device={device},device_map={device}"]
+    command += ["--tasks", ",".join(tasks), "--batch_size", "1", "--output_path", str(raw), "--log_samples"]  # llava_hf takes batches of 1 only
     command += ["--limit", str(limit)] if limit else []
     command += ["--include_path", str(include)] if include else []
     return _scores(_harness(command, raw, "lmms-eval", model), tasks)
@@ -189,6 +201,7 @@ def run_benchmark(
     if suite.visual:
         check_visual_harness(lmms)
     base = open_checkpoint(preset.base).directory
+    visual_model = lmms_model(open_checkpoint(preset.tuned).config.get("model_type")) if suite.visual else ""
     models = [("base", None, {}, base), ("tuned", None, {}, None)] + [("fused", m, p, None) for m, p in methods]
     rows = []
     common = {"include": suite.include, "limit": limit, "device": device, "launcher": launcher}
@@ -206,7 +219,7 @@ def run_benchmark(
             scores |= run_lm_eval(path, suite.language, out / "raw" / "lm-eval" / name, batch_size=batch_size, backend=backend, **common)
         if suite.visual and mllm is not None:  # the base LLM sees no images
             log(f"[benchmark] {label}: lmms-eval on {', '.join(suite.visual)}")
-            scores |= run_lmms_eval(lmms, mllm, suite.visual, out / "raw" / "lmms-eval" / name, **common)
+            scores |= run_lmms_eval(lmms, mllm, suite.visual, out / "raw" / "lmms-eval" / name, kind=visual_model, **common)
         language = _mean([s for t, (_, s) in scores.items() if t in suite.language])
         visual = _mean([s for t, (_, s) in scores.items() if t in suite.visual])
         rows.append(

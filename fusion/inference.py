@@ -211,7 +211,7 @@ class ChatModel:
         model = loader.from_pretrained(str(directory), **kwargs).eval()
         if "device_map" not in kwargs:
             model.to(target)
-        if load_4bit:
+        if load_4bit and target.type == "cpu":
             plain_cpu_kernel_where_needed(model)
         processor = load_processor(directory) if multimodal else AutoTokenizer.from_pretrained(str(directory))
         tokenizer = processor.tokenizer if multimodal else processor

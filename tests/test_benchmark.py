@@ -204,3 +204,12 @@ def test_a_harness_that_fails_or_is_missing_is_one_line(tmp_path: Path, cli: Cal
     suite.write_text(json.dumps({"language": [], "visual": ["pope"]}))
     missing = cli("benchmark", "--preset", "pocket", "--suite", str(suite), "--lmms-python", str(tmp_path / "no-python"), "--out", str(tmp_path / "b"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "need lmms-eval" in missing.stderr and not (tmp_path / "b" / "models").exists()
+
+
+def test_each_mllm_type_gets_its_lmms_eval_model() -> None:
+    """lmms-eval's llava_hf loads the transformers LLaVA classes only; Qwen2.5-VL goes through its own."""
+    from fusion.benchmark import lmms_model
+
+    assert [lmms_model(t) for t in ("llava", "llava_next", "llava_onevision", "qwen2_5_vl")] == ["llava_hf"] * 3 + ["qwen2_5_vl"]
+    with pytest.raises(FusionError, match="not 'idefics2'"):
+        lmms_model("idefics2")

@@ -22,7 +22,7 @@ def loader_calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
 
     def fake(path: str, **kwargs: object) -> SimpleNamespace:
         calls.append(kwargs)
-        return SimpleNamespace(config=config, eval=lambda: SimpleNamespace(config=config, to=lambda device: None))
+        return SimpleNamespace(config=config, eval=lambda: SimpleNamespace(config=config, to=lambda device: None, modules=lambda: []))
 
     monkeypatch.setattr(LlavaForConditionalGeneration, "from_pretrained", fake)
     return calls
