@@ -4,6 +4,7 @@
     python benchmarks/bench_merge.py --size 3b              # ~3B: the same layer shapes, 64 layers
     python benchmarks/bench_merge.py --layers 4             # a small pair, same widths
     python benchmarks/bench_merge.py --mergekit /path/to/venv   # also time mergekit's ties
+    python benchmarks/bench_merge.py --size 7b --mergekit /path/to/venv   # LLaVA-1.5-7B + Vicuna-7B, cold
 
 It writes a base/tuned pair (safetensors, plain Llama layout so other tools read it too) under
 --dir, then runs each merge as its own process (``python -m fusion merge``) with both inputs
@@ -20,6 +21,19 @@ the fastest of ``--floor-repeats`` repetitions. A cold ``cp`` of one model would
 method by charging the floor for disk reads that the merges never pay. A merge also puts its
 output on the disk before publishing it (``fusion.writer.ShardFile``), which ``cp`` does not:
 the durable floor adds a ``sync`` of the copied files, and each run is shown against both.
+
+``--size 7b`` is the paper's pair at its real size: LLaVA-1.5-7B's tensors (the llava-hf
+layout: the language model under ``language_model.``, the CLIP-L/336 tower and projector, the
+vocabulary padded to 32064) in three safetensors shards, and Vicuna-7B-v1.5's as it ships, two
+pickle ``.bin`` shards with their index (and the rotary buffers old transformers saved), random
+weights. Both together (27.6 GB) are more than this machine's RAM, so its runs are **cold**: the
+page cache is dropped before each (``/proc/sys/vm/drop_caches`` as root, else every input file's
+pages are dropped with ``posix_fadvise(DONTNEED)``; the run says which). Its floors: reading both
+inputs cold, and that plus writing the output's bytes durably (a ``cp`` of the tuned files, then
+``sync``). After the methods, the base is converted to safetensors (the .bin copy deleted, for
+disk space) and Neuron-Fusion runs again on it (pickle vs safetensors per byte); mergekit runs on
+that copy with the tuned model's language model as a plain Llama checkpoint, since mergekit has
+no LLaVA architecture (and reads ``.bin`` whole unless told ``--lazy-unpickle``).
 
 Same conditions also means the same memory: on a virtual machine, memory the guest has left idle
 for a few seconds is taken back by the host, and writing 2 GiB into it took 5.1 s here against
@@ -38,6 +52,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,7 +64,8 @@ from fusion.writer import Entry, ShardedWriter, plan_shards  # noqa: E402
 TINYLLAMA = dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000)
 # --size: TinyLlama's shape, and the same layer shapes with more layers (2.95 B parameters), so
 # that time and memory per parameter can be compared across model sizes
-SIZES = {"1.1b": TINYLLAMA, "3b": {**TINYLLAMA, "layers": 64}}
+SIZES = {"1.1b": TINYLLAMA, "3b": {**TINYLLAMA, "layers": 64}, "7b": dict(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000)}
+LLAVA_EXTRA_ROWS = 64  # llava-hf pads Vicuna's 32000 rows to 32064 (<image>, <pad>, padding)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ["task_arithmetic", "ties", "breadcrumbs", "dare", "della", "neuron_fusion"]
 READ_BLOCK = 1 << 24
@@ -116,6 +132,167 @@ def write_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Pa
     for w in writers.values():
         w.close()
     return root / "base", root / "tuned", params
+
+
+def llava_vision_shapes() -> dict[str, tuple[int, ...]]:
+    """LLaVA-1.5-7B's CLIP-L/336 tower and projector, by their on-disk names (shapes from
+    transformers' own classes, built on the meta device: no memory)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(
+        text_config={"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 1, "vocab_size": 32064},
+        vision_config={"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                       "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    return {name.removeprefix("model."): tuple(t.shape) for name, t in model.state_dict().items() if ".language_model." not in f".{name}" and name != "lm_head.weight"}
+
+
+def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Path, Path, int]:
+    """LLaVA-1.5-7B (safetensors, llava-hf layout) and Vicuna-7B-v1.5 (pickle .bin shards + index),
+    with ``write_pair``'s kind of change: returns (base, tuned, parameters of both inputs)."""
+    base_dir, tuned_dir = root / "base", root / "tuned"
+    lm = llama_shapes(**size)
+    vision = llava_vision_shapes()
+    rows = size["vocab"] + LLAVA_EXTRA_ROWS
+    tuned_shapes = {("language_model." + n): ((rows, s[1]) if n in ("model.embed_tokens.weight", "lm_head.weight") else s) for n, s in lm.items()}
+    tuned_shapes |= vision
+    params = sum(torch.Size(s).numel() for s in (*lm.values(), *tuned_shapes.values()))
+    if (tuned_dir / "config.json").exists() and any(base_dir.glob("*")):
+        return base_dir, tuned_dir, params
+    text = {"model_type": "llama", "hidden_size": size["hidden"], "intermediate_size": size["intermediate"], "num_hidden_layers": size["layers"],
+            "num_attention_heads": size["heads"], "num_key_value_heads": size["kv_heads"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+            "torch_dtype": "float16"}
+    tuned_config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": size["vocab"], "pad_token_id": size["vocab"] + 1,
+                    "projector_hidden_act": "gelu", "text_config": {**text, "vocab_size": rows}, "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+                    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                                      "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
+                    "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": rows}
+    for d in (base_dir, tuned_dir):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    (tuned_dir / "config.json").write_text(json.dumps(tuned_config, indent=2))
+    (base_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **text, "vocab_size": size["vocab"], "tie_word_embeddings": False}, indent=2))
+    tuned = ShardedWriter(tuned_dir, plan_shards([Entry(n, s, dtype) for n, s in tuned_shapes.items()], 5 << 30), {"format": "pt"})
+    gen = torch.Generator().manual_seed(0)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, size["hidden"] // size["heads"], 2).float() / (size["hidden"] // size["heads"])))
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    first_shard_layers = 24  # vicuna-7b-v1.5's index: the embeddings and layers 0-23 in the first file
+
+    def save_shard(number: int) -> None:
+        name = f"pytorch_model-{number:05d}-of-00002.bin"
+        torch.save(shard, base_dir / name)
+        weight_map.update({k: name for k in shard})
+        shard.clear()
+
+    for name, shape in [*lm.items(), *vision.items()]:
+        layer = int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+        if name in vision:
+            tuned.write(name, (torch.randn(shape, generator=gen) * 0.02).to(dtype))
+            continue
+        if layer == first_shard_layers and not weight_map:
+            save_shard(1)
+        base = torch.randn(shape, generator=gen).mul_(0.02) if len(shape) > 1 else torch.ones(shape)
+        change = torch.randn(shape, generator=gen).mul_(0.002)
+        if name.endswith(("gate_proj.weight", "up_proj.weight")):
+            change[torch.rand(shape[0], generator=gen) < 0.02] *= 10
+        shard[name] = base.to(dtype)
+        if name.endswith("self_attn.o_proj.weight"):
+            shard[name.replace("o_proj.weight", "rotary_emb.inv_freq")] = inv_freq
+        changed = base.add_(change)
+        if tuned_shapes["language_model." + name] != shape:
+            changed = torch.cat([changed, torch.randn(LLAVA_EXTRA_ROWS, shape[1], generator=gen).mul_(0.02)])
+        tuned.write("language_model." + name, changed.to(dtype))
+    save_shard(2)
+    tuned.close()
+    (base_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    return base_dir, tuned_dir, params
+
+
+def base_as_safetensors(base_bin: Path, out: Path) -> Path:
+    """The pickle base as safetensors (what mergekit reads without --lazy-unpickle), the .bin
+    copy deleted afterwards to make room on the disk."""
+    if (out / "config.json").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shards = [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in sorted(base_bin.glob("*.bin"))]
+    tensors = {k: v for shard in shards for k, v in shard.items() if not k.endswith("rotary_emb.inv_freq")}
+    writer = ShardedWriter(out, plan_shards([Entry(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], 5 << 30), {"format": "pt"})
+    for k, v in tensors.items():
+        writer.write(k, v.clone())
+    writer.close()
+    shutil.copyfile(base_bin / "config.json", out / "config.json")
+    return out
+
+
+def tuned_language_model(tuned: Path, out: Path, rows: int) -> Path:
+    """The tuned LLaVA's language model as a plain Llama checkpoint of the base's vocabulary, for
+    mergekit (which has no LLaVA architecture)."""
+    from safetensors import safe_open
+
+    if (out / "config.json").exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    handles = [safe_open(str(f), "pt") for f in sorted(tuned.glob("*.safetensors"))]
+    names = {k.removeprefix("language_model."): (h, k) for h in handles for k in h.keys() if k.startswith("language_model.")}
+    entries = []
+    for name, (h, key) in names.items():
+        shape = tuple(h.get_slice(key).get_shape())
+        entries.append(Entry(name, (rows, *shape[1:]) if name in ("model.embed_tokens.weight", "lm_head.weight") else shape, torch.float16))
+    writer = ShardedWriter(out, plan_shards(entries, 5 << 30), {"format": "pt"})
+    for e in entries:
+        h, key = names[e.name]
+        writer.write(e.name, h.get_tensor(key)[: e.shape[0]].clone())
+    writer.close()
+    config = json.loads((tuned / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **config["text_config"], "vocab_size": rows}, indent=2))
+    return out
+
+
+def drop_page_cache(paths: list[Path]) -> str:
+    """Make the next read of ``paths`` cold: the whole page cache dropped where this process may
+    (root), else each file's pages dropped; returns which."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "drop_caches"
+    except OSError:
+        for directory in paths:
+            for f in directory.iterdir():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "posix_fadvise(DONTNEED)"
+
+
+def cold_floors(base: Path, tuned: Path, out: Path, repeats: int) -> tuple[dict[str, float], dict[str, float], str]:
+    """The cold floors, the fastest of ``repeats``: reading both inputs cold, and that plus
+    writing the output's bytes durably (``cp`` of the tuned files, which reads them, then
+    ``sync``, with the base read cold)."""
+    reads, durables = [], []
+    for _ in range(repeats):
+        shutil.rmtree(out, ignore_errors=True)
+        how = drop_page_cache([base, tuned])
+        start = time.perf_counter()
+        read_all(base)
+        read_all(tuned)
+        reads.append({"wall_s": time.perf_counter() - start})
+        how = drop_page_cache([base, tuned])
+        out.mkdir(parents=True)
+        start = time.perf_counter()
+        subprocess.run(["cp", *map(str, sorted(tuned.iterdir())), str(out)], check=True)
+        read_all(base)
+        copied = time.perf_counter()
+        subprocess.run(["sync", *map(str, sorted(out.iterdir())), str(out)], check=True)
+        durables.append({"wall_s": time.perf_counter() - start, "cp_and_read_s": copied - start, "sync_s": time.perf_counter() - copied})
+    shutil.rmtree(out, ignore_errors=True)
+    return min(reads, key=lambda r: r["wall_s"]), min(durables, key=lambda r: r["wall_s"]), how
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
@@ -231,10 +408,60 @@ def print_row(row: dict[str, object]) -> None:
     )
 
 
+def merge_command(tuned: Path, base: Path, method: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "fusion", "merge", "--tuned", str(tuned), "--base", str(base), "--method", method, "--out", str(out), "--device", "cpu", "--quiet"]
+
+
+def timed(name: str, cmd: list[str], env: dict[str, str] | None, params: int, floors: tuple[float, float], before: Callable[[], object]) -> dict[str, object]:
+    """One measured run after ``before`` (which settles the machine), as a table row."""
+    before()
+    r = run_measured(cmd, env)
+    row = {"run": name, "wall_s": r["wall_s"], "own_s": own_seconds(r["stdout"]), "x_floor": r["wall_s"] / floors[0], "x_durable": r["wall_s"] / floors[1]}
+    row |= {"params_per_s": params / r["wall_s"], "peak_rss": r["peak_rss"], "peak_anon": r["peak_anon"]}
+    print_row(row)
+    return row
+
+
+def full_size(args: argparse.Namespace, size: dict[str, int], root: Path) -> None:
+    """``--size 7b``: LLaVA-1.5-7B and Vicuna-7B-v1.5 as they ship, every run cold."""
+    t0 = time.perf_counter()
+    pair = root / "llava-1.5-7b"
+    base_bin, tuned, params = write_llava_pair(pair, size, DTYPES[args.dtype])
+    out = root / "out"
+    print(f"pair: {params / 1e9:.3f} B parameters in both inputs, under {pair} (ready in {time.perf_counter() - t0:.0f} s)", flush=True)
+    inputs = [base_bin, tuned]
+    read, durable, how = cold_floors(base_bin, tuned, out, args.floor_repeats)
+    print(f"cold: page cache dropped before every run with {how}", flush=True)
+    print(f"cold read floor: {read['wall_s']:.2f} s; cold durable floor: {durable['wall_s']:.2f} s = cp of the tuned + cold read of the base "
+          f"{durable['cp_and_read_s']:.2f} s + sync {durable['sync_s']:.2f} s", flush=True)
+    floors = (read["wall_s"], durable["wall_s"])
+    print(f"{'run':<22} {'wall s':>8} {'merge s':>8} {'x read':>8} {'x durable':>9} {'Mparam/s':>9} {'peak RSS GiB':>13} {'peak anon GiB':>14}", flush=True)
+
+    def settle_cold() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        drop_page_cache(inputs)
+
+    rows: list[dict[str, object]] = [{"run": "cold read floor", **read}, {"run": "cold durable floor", **durable}]
+    for method in args.methods.split(","):
+        rows.append(timed(method, merge_command(tuned, base_bin, method, out), None, params, floors, settle_cold))
+    base_st = base_as_safetensors(base_bin, pair / "base-safetensors")
+    shutil.rmtree(base_bin)  # room on the disk for mergekit's copy of the tuned language model
+    inputs = [base_st, tuned]
+    rows.append(timed("neuron_fusion, base .st", merge_command(tuned, base_st, "neuron_fusion", out), None, params, floors, settle_cold))
+    if args.mergekit:
+        tuned_lm = tuned_language_model(tuned, pair / "tuned-lm", size["vocab"])
+        inputs = [base_st, tuned_lm]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        rows.append(timed("mergekit ties", mergekit_ties(args.mergekit, base_st, tuned_lm, out, args.dtype), env, params, floors, settle_cold))
+    shutil.rmtree(out, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"parameters": params, "size": size, "dtype": args.dtype, "cold": how, "results": rows}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="bench-data", help="where the pair and outputs go (default: ./bench-data)")
-    parser.add_argument("--size", choices=SIZES, default="1.1b", help="1.1b: TinyLlama's shape; 3b: the same layers, 64 of them")
+    parser.add_argument("--size", choices=SIZES, default="1.1b", help="1.1b: TinyLlama's shape; 3b: the same layers, 64 of them; 7b: LLaVA-1.5-7B + Vicuna-7B, cold")
     parser.add_argument("--layers", type=int, help="decoder layers instead of the size's (a quick, small pair)")
     parser.add_argument("--dtype", choices=DTYPES, default="float16", help="storage dtype of the pair (default float16)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to run")
@@ -246,6 +473,8 @@ def main() -> None:
 
     size = {**SIZES[args.size], **({"layers": args.layers} if args.layers else {})}
     root = Path(args.dir).resolve()
+    if args.size == "7b":
+        return full_size(args, size, root)
     t0 = time.perf_counter()
     base, tuned, params = write_pair(root / f"pair-{size['layers']}L-{args.dtype}", size, DTYPES[args.dtype])
     print(f"pair: {params / 1e9:.3f} B parameters, {args.dtype}, under {base.parent} (ready in {time.perf_counter() - t0:.0f} s)", flush=True)
