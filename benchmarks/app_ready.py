@@ -85,8 +85,9 @@ def main() -> None:
     root = Path(args.dir).resolve()
     pair = root / ("llava-1.5-7b" if not args.layers else f"llava-1.5-7b-{args.layers}L")
     cache = root / "hub" / pair.name / "cache"
-    tuned, base = write_full_replica(pair, cache, size)
+    # before huggingface_hub is imported (writing the replica's tokenizer imports it), which reads them once
     os.environ.update({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "NEURON_FUSION_CACHE": str(root / "fusion-cache")})
+    tuned, base = write_full_replica(pair, cache, size)
 
     drop_page_cache([tuned, base])
     t = time.perf_counter()

@@ -134,13 +134,14 @@ def write_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Pa
     return root / "base", root / "tuned", params
 
 
-def llava_vision_shapes() -> dict[str, tuple[int, ...]]:
-    """LLaVA-1.5-7B's CLIP-L/336 tower and projector, by their on-disk names (shapes from
-    transformers' own classes, built on the meta device: no memory)."""
+def llava_vision_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
+    """LLaVA-1.5's CLIP-L/336 tower and its projector into a language model of width ``hidden``,
+    by their on-disk names (shapes from transformers' own classes, built on the meta device: no
+    memory)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     config = LlavaConfig(
-        text_config={"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 1, "vocab_size": 32064},
+        text_config={"model_type": "llama", "hidden_size": hidden, "num_hidden_layers": 1, "vocab_size": 32064},
         vision_config={"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
                        "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "projection_dim": 768},
     )
@@ -154,7 +155,7 @@ def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tu
     with ``write_pair``'s kind of change: returns (base, tuned, parameters of both inputs)."""
     base_dir, tuned_dir = root / "base", root / "tuned"
     lm = llama_shapes(**size)
-    vision = llava_vision_shapes()
+    vision = llava_vision_shapes(size["hidden"])
     rows = size["vocab"] + LLAVA_EXTRA_ROWS
     tuned_shapes = {("language_model." + n): ((rows, s[1]) if n in ("model.embed_tokens.weight", "lm_head.weight") else s) for n, s in lm.items()}
     tuned_shapes |= vision
@@ -179,7 +180,8 @@ def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tu
     inv_freq = 1.0 / (10000 ** (torch.arange(0, size["hidden"] // size["heads"], 2).float() / (size["hidden"] // size["heads"])))
     shard: dict[str, torch.Tensor] = {}
     weight_map: dict[str, str] = {}
-    first_shard_layers = 24  # vicuna-7b-v1.5's index: the embeddings and layers 0-23 in the first file
+    # vicuna-7b-v1.5's index: the embeddings and layers 0-23 in the first file (a smaller pair: half its layers)
+    first_shard_layers = 24 if size["layers"] == 32 else max(1, size["layers"] // 2)
 
     def save_shard(number: int) -> None:
         name = f"pytorch_model-{number:05d}-of-00002.bin"

@@ -95,8 +95,8 @@ def run(out: Path, dry_run: bool, work: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     size = DRY_SIZE if dry_run else SIZES["7b"]
     cache = work / "hub"
+    os.environ.update({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})  # before huggingface_hub is imported, which reads them once
     write_full_replica(work / "pair", cache, size)
-    os.environ.update({"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict[str, Any] = {
         "dry_run": dry_run, "size": size, "device": device, "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
