@@ -160,7 +160,8 @@ def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tu
     tuned_shapes = {("language_model." + n): ((rows, s[1]) if n in ("model.embed_tokens.weight", "lm_head.weight") else s) for n, s in lm.items()}
     tuned_shapes |= vision
     params = sum(torch.Size(s).numel() for s in (*lm.values(), *tuned_shapes.values()))
-    if (tuned_dir / "config.json").exists() and any(base_dir.glob("*")):
+    complete = root / "complete"  # written last: a pair whose writing was cut off is written again
+    if complete.exists():
         return base_dir, tuned_dir, params
     text = {"model_type": "llama", "hidden_size": size["hidden"], "intermediate_size": size["intermediate"], "num_hidden_layers": size["layers"],
             "num_attention_heads": size["heads"], "num_key_value_heads": size["kv_heads"], "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
@@ -210,6 +211,7 @@ def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tu
     save_shard(2)
     tuned.close()
     (base_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    complete.write_text("")
     return base_dir, tuned_dir, params
 
 
@@ -448,6 +450,7 @@ def full_size(args: argparse.Namespace, size: dict[str, int], root: Path) -> Non
         rows.append(timed(method, merge_command(tuned, base_bin, method, out), None, params, floors, settle_cold))
     base_st = base_as_safetensors(base_bin, pair / "base-safetensors")
     shutil.rmtree(base_bin)  # room on the disk for mergekit's copy of the tuned language model
+    (pair / "complete").unlink()  # the pair as bench_merge wrote it is no longer whole
     inputs = [base_st, tuned]
     rows.append(timed("neuron_fusion, base .st", merge_command(tuned, base_st, "neuron_fusion", out), None, params, floors, settle_cold))
     if args.mergekit:

@@ -44,8 +44,6 @@ def write_full_replica(pair_root: Path, cache: Path, size: dict[str, int] | None
     (written first if they are not there); returns the two snapshot directories."""
     size = size or SIZES["7b"]
     base_dir, tuned_dir, _ = write_llava_pair(pair_root, size, DTYPES[dtype])
-    if not any(base_dir.glob("*.bin")) and (pair_root / "base-safetensors").is_dir():  # bench_merge converted it
-        base_dir = pair_root / "base-safetensors"
     replica = llava_15_7b()
     tuned_config, base_config = full_configs(size)
     snapshots = []

@@ -61,12 +61,21 @@ def bitsandbytes_missing() -> bool:
     return importlib.util.find_spec("bitsandbytes") is None
 
 
+# Memory a variant's build needs besides the variant itself: the merge's own (about 1 GiB on a 7B
+# pair, benchmarks/RESULTS.md) and room for the models already loaded to go on answering.
+BUILD_HEADROOM = 2 << 30
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free now on ``device`` (a CPU's: what the kernel says it can give, MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:")), 0)
+
+
 def memory_budget(device: torch.device, fraction: float = 0.5) -> int:
     """Bytes visitors' variants may take: a share of the memory free now on ``device``."""
-    if device.type == "cuda":
-        return int(fraction * torch.cuda.mem_get_info(device)[0])
-    available = next((int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable:")), 0)
-    return int(fraction * available)
+    return int(fraction * free_bytes(device))
 
 
 class Studio:
@@ -193,6 +202,14 @@ class Studio:
             if (known := self.store.get(stream.key)) is not None:
                 return self.store.claim(known, owner)
             self.store.make_room(pair.default.nbytes, owner)
+            # the store's budget was set at start; what loaded since (the base LLM) took memory
+            # too, and a build that does not fit would end the process for every visitor
+            free = free_bytes(torch.device("cpu") if on_zero_gpu() else self.device)
+            if free < pair.default.nbytes + BUILD_HEADROOM:
+                raise StudioError(
+                    f"This server has too little memory free for another fused model now ({free / 2**30:.1f} GiB free, "
+                    f"{(pair.default.nbytes + BUILD_HEADROOM) / 2**30:.1f} GiB needed). Chat with the default fused model, or try again later."
+                )
             console = ConsoleProgress(self.log)  # the console only: the page's status line is everyone's
 
             def report(p: Progress) -> None:

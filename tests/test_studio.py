@@ -370,6 +370,20 @@ def test_a_visitors_variant_is_their_own(studio: state.Studio) -> None:
     assert studio.fuse_variant(pair.method, dict(pair.preset.params)) is pair.default
 
 
+def test_a_variant_that_would_not_fit_in_the_memory_free_now_is_refused(studio: state.Studio, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's budget is set at start; memory taken since (the base LLM, loaded on first use)
+    is checked before each build, which would otherwise end the process for everyone (a 7B pair
+    in 4-bit on a 24 GiB machine did)."""
+    pair = studio.ready()
+    needed = pair.default.nbytes + state.BUILD_HEADROOM
+    monkeypatch.setattr(state, "free_bytes", lambda device: needed - 1)
+    with pytest.raises(StudioError, match=r"too little memory free for another fused model now \(\d+\.\d GiB free"):
+        studio.fuse_variant("dare", {"density": 0.7})
+    assert studio.store.get(studio.fuse_variant(pair.method, {}).key) is None  # the default needs no build
+    monkeypatch.setattr(state, "free_bytes", lambda device: needed)
+    assert studio.fuse_variant("dare", {"density": 0.7}).name == "dare"
+
+
 @pytest.mark.parametrize(
     ("method", "params", "says"),
     [
