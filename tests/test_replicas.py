@@ -147,7 +147,8 @@ def test_readme_merge_command_runs_verbatim(preset: str, offline: Hub, tmp_path:
     assert fused.keys() == tuned.keys()
     layout = detect_layout(list(tuned))
     copied = [k for k in tuned if layout.base_key(k) is None]
-    assert copied and all(torch.equal(fused[k], tuned[k]) for k in copied)
+    assert copied and all(k.startswith(layout.shared) for k in copied), "every copied tensor is one of the layout's shared modules"
+    assert all(torch.equal(fused[k], tuned[k]) for k in copied)
     head = layout.tuned_key("lm_head.weight")
     assert torch.equal(fused[head][-PAD_ROWS:], tuned[head][-PAD_ROWS:]) if tuned[head].shape[0] > replica.base.config["vocab_size"] else True
     merged = [k for k in tuned if layout.base_key(k) is not None and not torch.equal(fused[k], tuned[k])]
