@@ -239,6 +239,25 @@ def test_images_go_through_each_models_own_processor(preset: str, offline: Hub) 
     assert not torch.allclose(seen, blank), "the answer does not depend on the picture"
 
 
+# How each preset's prompt for an image question begins its user turn: the repo's own chat
+# template, or (XTuner's LLaVA-Llama-3 ships none) Llama 3's format, which it was tuned on.
+USER_TURN = {
+    "llava-1.5-7b": "USER: <image>\n", "llava-1.5-13b": "USER: <image>\n", "tiny-llava-1.4b": "USER: <image>\n",
+    "llava-llama-3-8b": "<|start_header_id|>user<|end_header_id|>\n\n<image>\n", "llava-v1.6-mistral-7b": "[INST] <image>\n",
+    "llava-v1.6-vicuna-7b": "USER: <image>\n", "llava-onevision-qwen2-7b": "<|im_start|>user <image>\n",
+    "qwen2.5-vl-7b": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>",
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_preset_asks_in_its_own_chat_format(preset: str, offline: Hub) -> None:
+    from fusion.inference import ChatModel
+
+    model = ChatModel.load(REPLICAS[preset]().tuned.repo_id, True)
+    prompt = model.prompt("Is there a dog?", True, history=[("Hello", "Hi")])
+    assert prompt.count(USER_TURN[preset]) == 1 and "Is there a dog?" in prompt and "Hi" in prompt, prompt
+
+
 # The modules a preset's fused model borrows from its original (``SHARED_MODULES`` present in its class).
 SHARED = {preset: ["visual"] if preset.startswith("qwen") else ["vision_tower", "multi_modal_projector"] for preset in PRESETS}
 
