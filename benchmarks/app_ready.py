@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from app_memory import resident_mib  # noqa: E402
 from bench_merge import SIZES, drop_page_cache, own_seconds, read_all  # noqa: E402
 from fullsize import write_full_replica  # noqa: E402
 
@@ -38,12 +39,7 @@ TOKENS = 32
 
 def memory() -> dict[str, float]:
     """This process's VmRSS and RssAnon, GiB."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "RssAnon"):
-            fields[key] = int(value.split()[0]) / 2**20
-    return fields
+    return {key: mib / 1024 for key, mib in resident_mib(os.getpid()).items()}
 
 
 class Timeline:

@@ -94,9 +94,19 @@ def llama_shapes(hidden: int, intermediate: int, layers: int, heads: int, kv_hea
     return shapes
 
 
+def base_and_tuned(name: str, shape: tuple[int, ...], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor of the synthetic pair, float32: the base N(0, 0.02) (norms: ones), the tuned
+    model the base + N(0, 0.002), with 2% of FFN neurons changed 10x more."""
+    base = torch.randn(shape, generator=gen).mul_(0.02) if len(shape) > 1 else torch.ones(shape)
+    change = torch.randn(shape, generator=gen).mul_(0.002)
+    if name.endswith(("gate_proj.weight", "up_proj.weight")):
+        change[torch.rand(shape[0], generator=gen) < 0.02] *= 10
+    return base, base + change
+
+
 def write_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Path, Path, int]:
-    """Base: N(0, 0.02); tuned: base + N(0, 0.002), with 2% of FFN neurons changed 10x more
-    (a heavy-tailed change, like visual instruction tuning's)."""
+    """A plain Llama pair of ``base_and_tuned`` tensors (a heavy-tailed change, like visual
+    instruction tuning's)."""
     shapes = llama_shapes(**size)
     params = sum(torch.Size(s).numel() for s in shapes.values())
     if (root / "tuned" / "config.json").exists():
@@ -123,12 +133,9 @@ def write_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Pa
         (root / which / "config.json").write_text(json.dumps(config, indent=2))
         writers[which] = ShardedWriter(root / which, plan_shards(entries, 1 << 30), {"format": "pt"})
     for name, shape in shapes.items():
-        base = torch.randn(shape, generator=gen).mul_(0.02) if len(shape) > 1 else torch.ones(shape)
-        change = torch.randn(shape, generator=gen).mul_(0.002)
-        if name.endswith(("gate_proj.weight", "up_proj.weight")):
-            change[torch.rand(shape[0], generator=gen) < 0.02] *= 10
+        base, tuned = base_and_tuned(name, shape, gen)
         writers["base"].write(name, base.to(dtype))
-        writers["tuned"].write(name, base.add_(change).to(dtype))
+        writers["tuned"].write(name, tuned.to(dtype))
     for w in writers.values():
         w.close()
     return root / "base", root / "tuned", params
@@ -152,7 +159,7 @@ def llava_vision_shapes(hidden: int) -> dict[str, tuple[int, ...]]:
 
 def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tuple[Path, Path, int]:
     """LLaVA-1.5-7B (safetensors, llava-hf layout) and Vicuna-7B-v1.5 (pickle .bin shards + index),
-    with ``write_pair``'s kind of change: returns (base, tuned, parameters of both inputs)."""
+    with ``base_and_tuned``'s change: returns (base, tuned, parameters of both inputs)."""
     base_dir, tuned_dir = root / "base", root / "tuned"
     lm = llama_shapes(**size)
     vision = llava_vision_shapes(size["hidden"])
@@ -197,14 +204,10 @@ def write_llava_pair(root: Path, size: dict[str, int], dtype: torch.dtype) -> tu
             continue
         if layer == first_shard_layers and not weight_map:
             save_shard(1)
-        base = torch.randn(shape, generator=gen).mul_(0.02) if len(shape) > 1 else torch.ones(shape)
-        change = torch.randn(shape, generator=gen).mul_(0.002)
-        if name.endswith(("gate_proj.weight", "up_proj.weight")):
-            change[torch.rand(shape[0], generator=gen) < 0.02] *= 10
+        base, changed = base_and_tuned(name, shape, gen)
         shard[name] = base.to(dtype)
         if name.endswith("self_attn.o_proj.weight"):
             shard[name.replace("o_proj.weight", "rotary_emb.inv_freq")] = inv_freq
-        changed = base.add_(change)
         if tuned_shapes["language_model." + name] != shape:
             changed = torch.cat([changed, torch.randn(LLAVA_EXTRA_ROWS, shape[1], generator=gen).mul_(0.02)])
         tuned.write("language_model." + name, changed.to(dtype))

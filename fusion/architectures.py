@@ -177,24 +177,30 @@ _DECODER_GROUPS = (
     NeuronGroup("attn_v", rows=("self_attn.v_proj",), cols=("self_attn.o_proj",), split=("attn_v", "attn_o")),
 )
 _SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
-_TIED = ("lm_head.weight", "model.embed_tokens.weight")
 
-LLAMA = Family("llama", ("llama",), _DECODER_TENSOR, _DECODER_GROUPS, _SHAPE_FIELDS, ("max_position_embeddings", "rope_scaling"), _VOCAB, _TIED)
+
+def _decoder_family(name: str, free_fields: tuple[str, ...], extra_shape_fields: tuple[str, ...] = ()) -> Family:
+    """A family with Llama's decoder layers: the families differ only in their config fields."""
+    return Family(
+        name,
+        (name,),
+        _DECODER_TENSOR,
+        _DECODER_GROUPS,
+        (*_SHAPE_FIELDS, *extra_shape_fields),
+        free_fields,
+        ("model.embed_tokens.weight", "lm_head.weight"),
+        ("lm_head.weight", "model.embed_tokens.weight"),
+    )
+
+
+LLAMA = _decoder_family("llama", ("max_position_embeddings", "rope_scaling"))
 # LLaVA-NeXT-Mistral keeps its base's sliding window (none for Mistral-7B-Instruct-v0.2); one
 # that differs changes which positions attend, not the weights.
-MISTRAL = Family("mistral", ("mistral",), _DECODER_TENSOR, _DECODER_GROUPS, (*_SHAPE_FIELDS, "head_dim"), ("max_position_embeddings", "sliding_window", "rope_theta"), _VOCAB, _TIED)
+MISTRAL = _decoder_family("mistral", ("max_position_embeddings", "sliding_window", "rope_theta"), ("head_dim",))
 # Qwen2.5-VL differs from Qwen2.5-7B in its context length, sliding window and rope scaling
 # (multimodal rope, "mrope"); LLaVA-OneVision drops its base's sliding-window fields.
-QWEN2 = Family(
-    "qwen2",
-    ("qwen2",),
-    _DECODER_TENSOR,
-    _DECODER_GROUPS,
-    _SHAPE_FIELDS,
-    ("max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers", "rope_scaling", "rope_parameters"),
-    _VOCAB,
-    _TIED,
+QWEN2 = _decoder_family(
+    "qwen2", ("max_position_embeddings", "sliding_window", "use_sliding_window", "max_window_layers", "rope_scaling", "rope_parameters")
 )
 
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2)

@@ -201,7 +201,8 @@ def run_benchmark(
     if suite.visual:
         check_visual_harness(lmms)
     base = open_checkpoint(preset.base).directory
-    visual_model = lmms_model(open_checkpoint(preset.tuned).config.get("model_type")) if suite.visual else ""
+    tuned = open_checkpoint(preset.tuned)  # once: its directory for every run, its config for lmms-eval's model
+    visual_model = lmms_model(tuned.config.get("model_type")) if suite.visual else ""
     models = [("base", None, {}, base), ("tuned", None, {}, None)] + [("fused", m, p, None) for m, p in methods]
     rows = []
     common = {"include": suite.include, "limit": limit, "device": device, "launcher": launcher}
@@ -211,7 +212,7 @@ def run_benchmark(
         mllm = None
         if path is None:
             where = "cuda" if device.startswith("cuda") else "cpu"  # lm-eval's cuda:0 is the merge's cuda
-            mllm = open_checkpoint(preset.tuned).directory if method is None else fuse(preset.tuned, preset.base, method, params, device=where).path
+            mllm = tuned.directory if method is None else fuse(preset.tuned, preset.base, method, params, device=where).path
             path = export_language_model(str(mllm), out / "models" / f"{name}-lm", base_ref=preset.base).path
         scores: dict[str, tuple[str, float]] = {}
         if suite.language:

@@ -96,7 +96,8 @@ class Studio:
         self._lock = threading.Lock()
         self.device = resolve_device(settings.device)
         # on ZeroGPU no CUDA exists outside a spaces.GPU call: fusions (at start, and a
-        # visitor's Fuse, which asks for no GPU) run on the CPU there
+        # visitor's Fuse, which asks for no GPU) run on the CPU there, and the variants they
+        # build are budgeted in RAM
         self.merge_device = "cpu" if on_zero_gpu() else str(self.device)
         self.load_4bit = settings.load_4bit and not bitsandbytes_missing()
         if settings.load_4bit and not self.load_4bit:
@@ -121,8 +122,7 @@ class Studio:
                 if on_zero_gpu():  # here, not lazily: a GPU call runs in a forked worker, which would load it for itself only
                     self.base()
                 self.change(self.pair.default)  # once, before any page asks (a method that locates nothing needs a pass)
-                # on ZeroGPU the process's GPU memory exists only inside a GPU call: variants are budgeted in RAM
-                self.store.max_bytes = memory_budget(torch.device("cpu") if on_zero_gpu() else self.device)
+                self.store.max_bytes = memory_budget(torch.device(self.merge_device))
             except Exception as err:  # the app's boundary: any failure becomes a message
                 message = explain_load_error(name, err)
                 self.log(message)
@@ -204,7 +204,7 @@ class Studio:
             self.store.make_room(pair.default.nbytes, owner)
             # the store's budget was set at start; what loaded since (the base LLM) took memory
             # too, and a build that does not fit would end the process for every visitor
-            free = free_bytes(torch.device("cpu") if on_zero_gpu() else self.device)
+            free = free_bytes(torch.device(self.merge_device))
             if free < pair.default.nbytes + BUILD_HEADROOM:
                 raise StudioError(
                     f"This server has too little memory free for another fused model now ({free / 2**30:.1f} GiB free, "
