@@ -216,7 +216,11 @@ class ChatModel:
         if "device_map" not in kwargs:
             model.to(target)
         if load_4bit and target.type == "cpu":
+            from .quantize import prepare_cpu_layout, release_freed_memory
+
             plain_cpu_kernel_where_needed(model)
+            prepare_cpu_layout(model.modules())
+            release_freed_memory()
         processor = load_processor(directory) if multimodal else AutoTokenizer.from_pretrained(str(directory))
         tokenizer = processor.tokenizer if multimodal else processor
         tokenizer.padding_side = "left"

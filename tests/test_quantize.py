@@ -86,3 +86,31 @@ def test_installed_it_quantizes_every_cpu_4bit_weight(monkeypatch: pytest.Monkey
     quantized = Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
     assert calls == [weight.numel()]  # the look-up ran: the dispatcher routed the CPU weight here
     assert torch.equal(quantized.data, reference(weight, 64, "nf4", torch.uint8)[0])
+
+
+def four_bit_layer(seed: int, in_features: int = 128, out_features: int = 64) -> torch.nn.Module:
+    from bitsandbytes.nn import Linear4bit, Params4bit
+
+    generator = torch.Generator().manual_seed(seed)
+    layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float32).to(torch.float16)
+    layer.weight = Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+    return layer.eval()
+
+
+def test_layers_are_repacked_before_their_first_answer_which_stays_the_same() -> None:
+    prepared, untouched, training = four_bit_layer(1), four_bit_layer(1), four_bit_layer(1).train()
+    if not prepared.support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX-512 bf16: bitsandbytes keeps its plain kernel, nothing to repack")
+    quantize.prepare_cpu_layout([prepared, training, torch.nn.ReLU()])
+    assert prepared.weight.quant_state.packing_format_for_cpu
+    assert not getattr(training.weight.quant_state, "packing_format_for_cpu", False)
+    assert not getattr(untouched.weight.quant_state, "packing_format_for_cpu", False)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), untouched(x))  # the untouched one repacks itself now
+    assert untouched.weight.quant_state.packing_format_for_cpu
+    quantize.prepare_cpu_layout([prepared])  # once is enough: a repacked layer is left alone
+    with torch.no_grad():
+        assert torch.equal(prepared(x), untouched(x))
+    quantize.release_freed_memory()

@@ -370,6 +370,35 @@ def test_a_visitors_variant_is_their_own(studio: state.Studio) -> None:
     assert studio.fuse_variant(pair.method, dict(pair.preset.params)) is pair.default
 
 
+@pytest.mark.parametrize("fails", ["assigning", "merging"])
+def test_a_build_that_fails_or_is_cancelled_stops_its_worker(studio: state.Studio, monkeypatch: pytest.MonkeyPatch, fails: str) -> None:
+    """The tensors are put into the model by a worker thread; an error there reaches the
+    builder, and a build stopped from the merge's side (a visitor gone) stops the worker."""
+    from fusion.merge import MergeStream
+    from studio import variants
+
+    pair = studio.ready()
+    assigned: list[str] = []
+    put_in = variants._assign
+
+    def assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+        if fails == "assigning" and len(assigned) == 2:
+            raise RuntimeError("the model refused a tensor")
+        assigned.append(name)
+        put_in(model, name, tensor)
+
+    def progress(p: Progress) -> None:
+        if fails == "merging" and p.done:
+            raise StudioError("the visitor left")
+
+    monkeypatch.setattr(variants, "_assign", assign)
+    stream = MergeStream(*pair.checkpoints, resolve("ties", {}), device="cpu")
+    with pytest.raises(RuntimeError if fails == "assigning" else StudioError):
+        variants.build_variant(pair.original, stream, "t", "ties", progress)
+    assert not [t for t in threading.enumerate() if t.name == "variant-assign"]
+    assert len(assigned) <= (2 if fails == "assigning" else 1)  # nothing after the error or the cancel
+
+
 def test_a_variant_that_would_not_fit_in_the_memory_free_now_is_refused(studio: state.Studio, monkeypatch: pytest.MonkeyPatch) -> None:
     """The store's budget is set at start; memory taken since (the base LLM, loaded on first use)
     is checked before each build, which would otherwise end the process for everyone (a 7B pair
