@@ -78,30 +78,21 @@ def test_zeros_of_both_signs_and_nonfinite_blocks() -> None:
 def test_installed_it_quantizes_every_cpu_4bit_weight(monkeypatch: pytest.MonkeyPatch) -> None:
     from bitsandbytes.nn import Params4bit
 
+    assert quantize.install()  # it agrees with this bitsandbytes on its test tensor
     calls = []
     looked_up = quantize._codes
     monkeypatch.setattr(quantize, "_codes", lambda *args: calls.append(args[0].numel()) or looked_up(*args))
-    quantize.install()
     weight = torch.randn(96, 256, dtype=torch.float16)
     quantized = Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
     assert calls == [weight.numel()]  # the look-up ran: the dispatcher routed the CPU weight here
     assert torch.equal(quantized.data, reference(weight, 64, "nf4", torch.uint8)[0])
 
 
-def four_bit_layer(seed: int, in_features: int = 128, out_features: int = 64) -> torch.nn.Module:
-    from bitsandbytes.nn import Linear4bit, Params4bit
-
-    generator = torch.Generator().manual_seed(seed)
-    layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-    weight = torch.randn(out_features, in_features, generator=generator, dtype=torch.float32).to(torch.float16)
-    layer.weight = Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
-    return layer.eval()
-
-
 def test_layers_are_repacked_before_their_first_answer_which_stays_the_same() -> None:
-    prepared, untouched, training = four_bit_layer(1), four_bit_layer(1), four_bit_layer(1).train()
+    prepared, untouched, training = quantize._layer(128, 64, 1), quantize._layer(128, 64, 1), quantize._layer(128, 64, 1).train()
     if not prepared.support_avx512bf16_for_cpu:
         pytest.skip("this CPU has no AVX-512 bf16: bitsandbytes keeps its plain kernel, nothing to repack")
+    assert quantize._repacking_agrees()  # so the repacking tested here is this project's
     quantize.prepare_cpu_layout([prepared, training, torch.nn.ReLU()])
     assert prepared.weight.quant_state.packing_format_for_cpu
     assert not getattr(training.weight.quant_state, "packing_format_for_cpu", False)
@@ -110,7 +101,21 @@ def test_layers_are_repacked_before_their_first_answer_which_stays_the_same() ->
     with torch.no_grad():
         assert torch.equal(prepared(x), untouched(x))  # the untouched one repacks itself now
     assert untouched.weight.quant_state.packing_format_for_cpu
+    assert torch.equal(prepared.weight.data, untouched.weight.data)
+    assert torch.equal(prepared.weight.quant_state.absmax, untouched.weight.quant_state.absmax)
     quantize.prepare_cpu_layout([prepared])  # once is enough: a repacked layer is left alone
     with torch.no_grad():
         assert torch.equal(prepared(x), untouched(x))
     quantize.release_freed_memory()
+
+
+@pytest.mark.parametrize("shape", [(96, 320), (4096, 128)])
+def test_repacked_bytes_are_bitsandbytes_own(shape: tuple[int, int]) -> None:
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    rows, columns = shape
+    ours, theirs = quantize._layer(columns, rows, 3).weight, quantize._layer(columns, rows, 3).weight
+    want, _ = _convert_weight_packed_for_cpu(theirs.data, theirs.quant_state)
+    quantize._repack(ours)
+    assert torch.equal(ours.data, want) and ours.data.shape == (rows, columns // 2)
+    assert torch.equal(ours.quant_state.absmax, theirs.quant_state.absmax) and ours.quant_state.absmax.dtype == torch.bfloat16
