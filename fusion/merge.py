@@ -33,7 +33,6 @@ from .output import RECIPE_FILE as RECIPE_FILE  # part of this module's interfac
 from .output import claim, json_text
 from .registry import Recipe, as_recipe, resolve
 from .report import located_share
-from .sparsify import Draws
 from .writer import Entry, ShardedWriter, plan_shards
 
 log = logging.getLogger("fusion")
@@ -347,14 +346,11 @@ def _merge_one(
     p = sources.planned(base_name)
     out = buffers(p.name) if buffers else torch.empty(p.shape, dtype=p.dtype, device=device)
     b, t = (x.to(device) for x in sources.pair(base_name))
-    draws = Draws(torch.Generator().manual_seed(seed_for(recipe.seed, p.name)), b.shape) if recipe.random else None
+    generator = torch.Generator().manual_seed(seed_for(recipe.seed, p.name)) if recipe.random else None
     try:
-        recipe.merge(b, [t], draws, check=check, observe=observe, out=out[: p.rows] if p.rows else out)
+        recipe.merge(b, [t], generator, check=check, observe=observe, out=out[: p.rows] if p.rows else out)
     except NonFinite as err:
         raise sources.nonfinite(base_name, err.which) from None
-    finally:
-        if draws is not None:
-            draws.close()
     if p.rows:
         out[p.rows :] = sources.tuned.get(p.name)[p.rows :]
     return out

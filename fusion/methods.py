@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .combine import COMBINERS, Combiner, summed
-from .sparsify import SPARSIFIERS, Params, Randomness, Scratch, Sub, TaskVector, as_rows, keep_all, row_blocks
+from .sparsify import SPARSIFIERS, Params, Scratch, Sub, TaskVector, as_rows, keep_all, row_blocks
 from .sparsify import count_for as count_for  # re-exported: fusion.neurons imports it from here
 
 # (axis, indices) of the neurons located in one tensor: rows (axis 0) or columns (axis 1)
@@ -83,7 +83,7 @@ def apply_delta(base: Tensor, delta: Tensor, scale: float, out: Tensor) -> Tenso
     return out
 
 
-def _streamed(base: Tensor, tuned: Tensor, sub: Sub, params: Params, generator: Randomness | None, check: bool, observe: Observer | None, out: Tensor) -> Tensor:
+def _streamed(base: Tensor, tuned: Tensor, sub: Sub, params: Params, generator: torch.Generator | None, check: bool, observe: Observer | None, out: Tensor) -> Tensor:
     """θ_base + λ·Sub(Δ) for one tuned model, Δ never held whole: ``sub.prepare`` and the final
     pass each compute Δ's blocks from the inputs again (~0.5 ns an entry), where a whole float32
     Δ would cost a fresh allocation, its page faults and 4 bytes an entry of memory."""
@@ -132,7 +132,7 @@ class Merge:
         self,
         base: Tensor,
         tuned: Sequence[Tensor],
-        generator: Randomness | None = None,
+        generator: torch.Generator | None = None,
         located: Located | None = None,
         *,
         check: bool = False,
@@ -149,7 +149,7 @@ class Merge:
         merged = self._compose(base, tuned, generator, check, observe, out)
         return restore(merged, base, tuned, located) if located is not None else merged
 
-    def _compose(self, base: Tensor, tuned: Sequence[Tensor], generator: Randomness | None, check: bool, observe: Observer | None, out: Tensor) -> Tensor:
+    def _compose(self, base: Tensor, tuned: Sequence[Tensor], generator: torch.Generator | None, check: bool, observe: Observer | None, out: Tensor) -> Tensor:
         lam = self.params["lambda"]
         if len(tuned) == 1:  # F hands one model's vector back as it is
             if self.sparsify is keep_all and self.combine is summed:

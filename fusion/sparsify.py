@@ -23,9 +23,7 @@ Neuron-Fusion's selection is by location rather than by value; it lives with the
 from __future__ import annotations
 
 import math
-import queue
 import struct
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -323,9 +321,9 @@ class Sub:
     vector, in place."""
 
     prepare: Callable[[Passes, Params], Any]
-    apply: Callable[[Tensor, Any, Params, Randomness | None, Scratch], None]
+    apply: Callable[[Tensor, Any, Params, torch.Generator | None, Scratch], None]
 
-    def __call__(self, delta: Tensor, params: Params, generator: Randomness | None = None) -> Tensor:
+    def __call__(self, delta: Tensor, params: Params, generator: torch.Generator | None = None) -> Tensor:
         prepared, scratch = self.prepare(Held(delta), params), Scratch()
         for part in blocks(delta):
             self.apply(part, prepared, params, generator, scratch)
@@ -348,7 +346,7 @@ class Band:
     empty: bool = False
 
 
-def _keep_band(part: Tensor, band: Band, params: Params, generator: Randomness | None, scratch: Scratch) -> None:
+def _keep_band(part: Tensor, band: Band, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """``apply`` of TIES and Breadcrumbs: zero the entries outside ``band``."""
     if band.empty:
         part.zero_()
@@ -384,71 +382,15 @@ def _middle_band(vector: Passes, params: Params) -> Band:
     return Band(found.get(low_rank), found.get(high_rank))
 
 
-class Draws:
-    """The uniform [0, 1) numbers of one tensor's row blocks, drawn from its seeded CPU generator
-    by a thread of its own, up to ``AHEAD`` blocks before the merge asks for them.
-
-    The generator is sequential (MT19937, ~2.4 ms per million numbers on one core) and DARE and
-    DELLA need one number per entry, so drawing inline left the second core idle for that long
-    in every block; drawn ahead, the numbers are ready when the block's arithmetic starts. One
-    thread draws them all, in block order, so they are the numbers an inline draw gives. The
-    blocks' sizes are known in advance (``row_blocks`` of the tensor's shape); ``close`` stops
-    a thread whose merge ended early. Nothing is drawn until the first block is asked for (DARE
-    at density 1 asks for none)."""
-
-    AHEAD = 2
-
-    def __init__(self, generator: torch.Generator, shape: Sequence[int]) -> None:
-        rows = as_rows(torch.empty(shape, device="meta"))
-        self.sizes = [rows[r].numel() for r in row_blocks(rows.shape)]
-        largest = max(self.sizes, default=0)
-        self._memory = [torch.empty(largest) for _ in range(self.AHEAD + 1)]
-        self._free = threading.Semaphore(len(self._memory))
-        self._ready: queue.Queue[int] = queue.Queue()
-        self._stop, self._taken, self._held = threading.Event(), 0, False
-        self._thread = threading.Thread(target=self._draw_all, args=(generator,), name="draws", daemon=True)  # started by the first take
-
-    def _draw_all(self, generator: torch.Generator) -> None:
-        for i, size in enumerate(self.sizes):
-            while not self._free.acquire(timeout=0.1):
-                if self._stop.is_set():
-                    return
-            if self._stop.is_set():
-                return
-            torch.rand(size, generator=generator, out=self._memory[i % len(self._memory)][:size])
-            self._ready.put(i)
-
-    def take(self, like: Tensor) -> Tensor:
-        """The next block's numbers, shaped like ``like``; valid until the next call."""
-        if self._held:
-            self._free.release()  # the previous block's numbers are used by now
-        elif not self._thread.is_alive():
-            self._thread.start()
-        i = self._ready.get()
-        assert i == self._taken and self.sizes[i] == like.numel(), "draws are taken in row-block order"
-        self._taken, self._held = i + 1, True
-        return self._memory[i % len(self._memory)][: like.numel()].view(like.shape)
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.ident is not None:
-            self._thread.join()
-
-
-Randomness = torch.Generator | Draws  # a seeded generator, or one tensor's numbers drawn ahead from it
-
-
-def _draw(like: Tensor, generator: Randomness | None, scratch: Scratch) -> Tensor:
+def _draw(like: Tensor, generator: torch.Generator | None, scratch: Scratch) -> Tensor:
     """Uniform [0, 1) draws of ``like``'s shape from the CPU generator, moved to its device: the
     same mask wherever the merge runs. Drawing a tensor block by block gives the same numbers as
     drawing it whole."""
     assert generator is not None, "this sparsifier draws random masks: pass a seeded generator"
-    if isinstance(generator, Draws):
-        return generator.take(like).to(like.device)
     return torch.rand(like.shape, generator=generator, out=scratch.like("draw", like, device="cpu")).to(like.device)
 
 
-def _drop_at_random(part: Tensor, prepared: None, params: Params, generator: Randomness | None, scratch: Scratch) -> None:
+def _drop_at_random(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """DARE: drop each entry with probability 1 − density, rescale the kept by 1/density."""
     density = params["density"]
     if density < 1.0:
@@ -477,7 +419,7 @@ def _drop_probability(mag: Tensor, p_low: float, step: float, scratch: Scratch) 
     return scratch.like("drop", mag).scatter_(1, keys.bitwise_and_((1 << shift) - 1), by_rank.expand_as(mag))
 
 
-def _drop_by_rank(part: Tensor, prepared: None, params: Params, generator: Randomness | None, scratch: Scratch) -> None:
+def _drop_by_rank(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """DELLA: per row, the drop probability falls linearly with the magnitude rank, from
     1 − density + ε/2 (smallest) to 1 − density − ε/2 (largest); kept entries are rescaled by
     1/(1 − p_i). A vector is one row."""
@@ -490,7 +432,7 @@ def _drop_by_rank(part: Tensor, prepared: None, params: Params, generator: Rando
     rows.mul_(torch.ge(draw, drop_p, out=draw)).div_(drop_p.neg_().add_(1.0))  # 1 − p, in place
 
 
-def _as_is(part: Tensor, prepared: None, params: Params, generator: Randomness | None, scratch: Scratch) -> None:
+def _as_is(part: Tensor, prepared: None, params: Params, generator: torch.Generator | None, scratch: Scratch) -> None:
     """Task arithmetic: every entry kept as it is."""
 
 

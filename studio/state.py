@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from fusion.checkpoint import open_checkpoint
 from fusion.errors import FusionError
 from fusion.inference import ChatModel
 from fusion.merge import MergeStream, Progress, inspect_pair, resolve_device
@@ -158,11 +157,10 @@ class Studio:
         self.status.message = f"loading {title_original}"
         self.log(f"[studio] loading {preset.tuned}, then fusing it toward {preset.base} with {method}")
         original = self._load_model(preset.tuned, True, title_original)
-        checkpoints = (open_checkpoint(preset.tuned), open_checkpoint(preset.base))
-        stream = MergeStream(*checkpoints, recipe, device=self.merge_device)
+        stream = MergeStream(preset.tuned, preset.base, recipe, device=self.merge_device)
         variant = build_variant(original, stream, fused_title(preset, method, recipe.params), method, self._progress(f"fusing {preset.name}"))
         self.log(f"[studio] fused with {method} in memory in {variant.seconds:.1f} s ({variant.nbytes / 2**20:.0f} MiB)")
-        return Pair(preset, original, variant, checkpoints)
+        return Pair(preset, original, variant, (preset.tuned, preset.base))
 
     def ready(self) -> Pair:
         if self.pair is None:
@@ -192,7 +190,7 @@ class Studio:
         method = check_method(method)
         try:
             recipe = resolve(method, dict(params))
-            stream = MergeStream(*pair.checkpoints, recipe, device=self.merge_device)
+            stream = MergeStream(*pair.open_checkpoints(), recipe, device=self.merge_device)
         except FusionError as err:
             raise StudioError(str(err)) from None
         if stream.key == pair.default.key:
@@ -246,7 +244,7 @@ class Studio:
         recipe = resolve("neuron_fusion")
         with self._change_lock:
             if self._change is None:
-                self._change = inspect_pair(*pair.checkpoints, recipe)["kinds"]
+                self._change = inspect_pair(*pair.open_checkpoints(), recipe)["kinds"]
         note = f"{variant.name} locates no neurons: this is the pair's own change, cut off where Neuron-Fusion's defaults would."
         return self._change, float(recipe.params["top_ratio"]), note
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from fusion.architectures import IN_MEMORY, SHARED_MODULES, layout_named
-from fusion.checkpoint import Checkpoint
+from fusion.checkpoint import Checkpoint, open_checkpoint
 from fusion.inference import ChatModel, compute_dtype
 from fusion.merge import MergeStream, Progress
 from fusion.presets import Preset
@@ -65,7 +65,14 @@ class Pair:
     preset: Preset
     original: ChatModel
     default: Variant
-    checkpoints: tuple[Checkpoint, Checkpoint]  # (tuned, base), opened once for every variant's merge
+    inputs: tuple[str, str]  # (tuned, base) as the preset names them: opened for each merge
+
+    def open_checkpoints(self) -> tuple[Checkpoint, Checkpoint]:
+        """(tuned, base), opened for one merge. They are not kept open between merges: a merge
+        reads every page of both, and while their files stay mapped those pages count as the
+        app's resident memory (5.5 GiB of a 7 B pair's, measured, on top of the three models);
+        dropped, they are only the page cache's. Opening reads the headers again (0.x s)."""
+        return open_checkpoint(self.inputs[0]), open_checkpoint(self.inputs[1])
 
     @property
     def method(self) -> str:

@@ -191,30 +191,6 @@ def test_dare_mask_statistics_and_fixed_mask_result():
     torch.testing.assert_close(got, base + delta * mask / 0.3)
 
 
-@pytest.mark.parametrize("method", ["dare", "della"])
-def test_numbers_drawn_ahead_are_the_numbers_drawn_inline(method, monkeypatch):
-    """A merge draws each tensor's numbers in a thread of its own (``sparsify.Draws``): the
-    result is the same bytes as drawing them block by block in the merge, over many blocks."""
-    monkeypatch.setattr(sparsify, "BLOCK_ELEMENTS", 1000)  # 41 blocks of 4 rows (250 wide)
-    base, tuned = pair(shape=(163, 250), seed=3, dtype=torch.float16)
-    inline = merge(method, base, tuned, torch.Generator().manual_seed(4), density=0.4)
-    draws = sparsify.Draws(torch.Generator().manual_seed(4), base.shape)
-    ahead = merge(method, base, tuned, draws, density=0.4)
-    draws.close()
-    assert torch.equal(inline, ahead) and draws.sizes == [1000] * 40 + [750]
-
-
-def test_draws_stop_with_their_merge():
-    draws = sparsify.Draws(torch.Generator().manual_seed(0), (64, 1 << 16))  # 4 blocks of 1 M
-    draws.close()
-    assert draws._thread.ident is None  # nothing asked for, nothing drawn
-    draws = sparsify.Draws(torch.Generator().manual_seed(0), (64, 1 << 16))
-    first = draws.take(torch.empty(16, 1 << 16)).clone()
-    draws.close()  # the merge stopped after one block: the thread ends, blocked or not
-    assert not draws._thread.is_alive()
-    assert torch.equal(first.flatten(), torch.rand(1 << 20, generator=torch.Generator().manual_seed(0)))
-
-
 def ref_della_keep_prob(width, density, epsilon):
     """Keep probability by magnitude rank (0 = largest)."""
     ranks = torch.arange(width, dtype=torch.float32)

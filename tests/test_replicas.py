@@ -271,7 +271,7 @@ def test_studio_loads_each_preset_and_all_three_columns_answer(preset: str, offl
     assert pair.preset.name == preset and studio.status.notice == ""
     assert pair.shared == SHARED[preset] and all(getattr(pair.fused.model.model, m) is getattr(pair.original.model.model, m) for m in pair.shared)
     written = fuse(pair.preset.tuned, pair.preset.base, pair.default.recipe, out=tmp_path / "fused", device="cpu")
-    assert in_memory_equals_written(pair, written.path) == len(pair.checkpoints[0].keys())
+    assert in_memory_equals_written(pair, written.path) == len(pair.open_checkpoints()[0].keys())
     text = studio.compare("What is the capital of France?")
     image = studio.compare("Is there a dog in the image?", ROOT / "assets" / "examples" / "cat.jpg", image_required=True)
     for result in (text, image):
