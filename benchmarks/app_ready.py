@@ -93,7 +93,9 @@ def main() -> None:
         drop_page_cache([tuned, base])
         cmd = [sys.executable, "-m", "fusion", "merge", "--tuned", "llava-hf/llava-1.5-7b-hf", "--base", "lmsys/vicuna-7b-v1.5", "--method", "ties",
                "--out", str(Path(tmp) / "ties"), "--device", "cpu", "--quiet"]
-        merged = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+        merged = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if merged.returncode:  # the merge's own line (a full disk, say), not a traceback of this script
+            sys.exit(f"app_ready: the TIES merge to disk failed: {(merged.stderr.strip().splitlines() or ['no message'])[-1]}")
         merge_s = own_seconds(merged.stdout)
     print(f"read both checkpoints once, cold: {read_once:.1f} s; `merge --method ties` to disk: {merge_s:.1f} s (its own time)", flush=True)
     drop_page_cache([tuned, base])
