@@ -87,7 +87,7 @@ def quantization(device: torch.device) -> Any:
 
     from .quantize import install
 
-    install()  # the same bytes as bitsandbytes' CPU path, five times faster (see fusion/quantize.py)
+    install()  # the same bytes as bitsandbytes' CPU path, about four times faster (see fusion/quantize.py)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

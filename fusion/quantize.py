@@ -1,4 +1,4 @@
-"""4-bit quantization on a CPU, byte for byte as bitsandbytes does it, five times faster.
+"""4-bit quantization on a CPU, byte for byte as bitsandbytes does it, about four times faster.
 
 Why: the app loads a 7 B model in 4-bit and builds each fused variant by quantizing every
 merged tensor again. bitsandbytes (0.50) quantizes on a CPU with its device-independent
