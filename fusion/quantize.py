@@ -94,11 +94,11 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str, quant_storag
     flat = A.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-    absmax = torch.empty(-(n // -blocksize), dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(-(n // -blocksize), dtype=torch.float32, device=A.device)
     step = max(blocksize, CHUNK // blocksize * blocksize)
-    buffer = torch.empty(min(step, full), dtype=torch.float32)
-    scratch, cell = torch.empty_like(buffer), torch.empty(buffer.shape, dtype=torch.int32)
+    buffer = torch.empty(min(step, full), dtype=torch.float32, device=A.device)
+    scratch, cell = torch.empty_like(buffer), torch.empty(buffer.shape, dtype=torch.int32, device=A.device)
     for start in range(0, full, step):
         stop = min(start + step, full)
         size = stop - start
@@ -141,8 +141,10 @@ def install() -> bool:
         return False
     operator = torch.ops.bitsandbytes.quantize_4bit.default
     own = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
-    sample = torch.cat([torch.randn(4000, generator=torch.Generator().manual_seed(0)), torch.zeros(64), -_tables("nf4")[0]])
     for quant_type in ("nf4", "fp4"):
+        midpoints = _tables(quant_type)[0]
+        edges = torch.cat([torch.tensor([1.0, -1.0]), midpoints, torch.nextafter(midpoints, torch.tensor(2.0)), torch.nextafter(midpoints, torch.tensor(-2.0))])
+        sample = torch.cat([edges, torch.zeros(64 - len(edges) % 64 + 64), torch.randn(4000, generator=torch.Generator().manual_seed(0))])
         want, ours = operator.redispatch(own, sample, 64, quant_type, torch.uint8), quantize_4bit(sample, 64, quant_type, torch.uint8)
         if not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(want, ours)):
             return False
@@ -184,13 +186,14 @@ def _repack(weight: torch.nn.Parameter) -> None:
     weight.data = data
 
 
-def _layer(in_features: int = 256, out_features: int = 64, seed: int = 0) -> torch.nn.Module:
-    """A small 4-bit layer of random weights (compressed statistics, as the app loads them)."""
+def _layer(in_features: int = 256, out_features: int = 64, seed: int = 0, nested: bool = False) -> torch.nn.Module:
+    """A small 4-bit layer of random weights; ``nested``: its absmax quantized too (bitsandbytes'
+    compressed statistics; the app's config leaves them off)."""
     from bitsandbytes.nn import Linear4bit, Params4bit
 
     layer = Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)).to(torch.float16)
-    layer.weight = Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True).to("cpu")
+    layer.weight = Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=nested).to("cpu")
     return layer.eval()
 
 
@@ -198,18 +201,20 @@ def _layer(in_features: int = 256, out_features: int = 64, seed: int = 0) -> tor
 def _repacking_agrees() -> bool:
     """Whether ``_repack`` gives this bitsandbytes' own layout: the weight's bytes and every
     field of its quant state, on a small layer repacked both ways. A bitsandbytes that changed
-    its layout (or has none) keeps its own repacking."""
-    ours, theirs = _layer(), _layer()
-    if not getattr(theirs, "support_avx512bf16_for_cpu", False):
-        return False
-    with torch.no_grad():
-        theirs(torch.zeros(1, theirs.in_features, dtype=torch.bfloat16))
-    _repack(ours.weight)
-    mine, want = ours.weight.quant_state, theirs.weight.quant_state
-    same_fields = vars(mine).keys() == vars(want).keys() and all(
-        torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in ((vars(mine)[k], vars(want)[k]) for k in vars(want) if k != "state2")
-    )
-    return same_fields and torch.equal(ours.weight.data, theirs.weight.data)
+    its layout (or has none) keeps its own repacking. Both with and without compressed statistics."""
+    for nested in (False, True):
+        ours, theirs = _layer(nested=nested), _layer(nested=nested)
+        if not getattr(theirs, "support_avx512bf16_for_cpu", False):
+            return False
+        with torch.no_grad():
+            theirs(torch.zeros(1, theirs.in_features, dtype=torch.bfloat16))
+        _repack(ours.weight)
+        mine, want = vars(ours.weight.quant_state), vars(theirs.weight.quant_state)
+        if mine.keys() != want.keys() or not torch.equal(ours.weight.data, theirs.weight.data):
+            return False
+        if not all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in ((mine[k], want[k]) for k in want)):
+            return False
+    return True
 
 
 def prepare_cpu_layout(modules: Iterable[torch.nn.Module]) -> None:

@@ -16,7 +16,6 @@ streams them (``fusion.merge.MergeStream``). Nothing is written to disk to serve
 from __future__ import annotations
 
 import copy
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -128,57 +127,13 @@ def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
             current.copy_(tensor)
 
 
-HANDOFF = 2  # merged tensors that may wait for the worker that puts them into the model
-
-
-class _Assigner:
-    """Puts merged tensors into ``model`` in a thread of its own, so that the merge reads and
-    computes the next tensor while this one is put in: a 4-bit layer is quantized again
-    (0.25 s for a 7 B FFN weight on two cores) while the merge mostly waits for the disk. At
-    most ``HANDOFF`` tensors wait; an error in the worker is raised by the next call or on exit,
-    and leaving the block early (an error, a build cancelled) stops the worker."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self._waiting: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(HANDOFF)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="variant-assign", daemon=True)
-
-    def _work(self) -> None:
-        while (item := self._waiting.get()) is not None:
-            if self._error is None:
-                try:
-                    _assign(self.model, *item)
-                except BaseException as err:  # handed to the building thread
-                    self._error = err
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def __call__(self, name: str, tensor: torch.Tensor) -> None:
-        self._raise()
-        self._waiting.put((name, tensor))
-
-    def __enter__(self) -> _Assigner:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *failed: object) -> None:
-        self._waiting.put(None)
-        self._thread.join()
-        if failed[0] is None:
-            self._raise()
-
-
 def build_variant(original: ChatModel, stream: MergeStream, title: str, name: str, progress: Callable[[Progress], None] | None = None) -> Variant:
     """The fused model of ``stream``'s recipe, built in memory next to ``original``."""
     start = time.perf_counter()
     model = _shallow_copy(original.model)
     in_memory = layout_named(IN_MEMORY)
-    with _Assigner(model) as assign:
-        for planned, tensor in stream.tensors(progress, merged_only=True, started=start):
-            assign(in_memory.tuned_key(stream.layout.base_key(planned.name)), tensor)
+    for planned, tensor in stream.tensors(progress, merged_only=True, started=start):
+        _assign(model, in_memory.tuned_key(stream.layout.base_key(planned.name)), tensor)
     release_freed_memory()
     fused = ChatModel(model.eval(), original.processor, True, title)
     record = {**stream.record, "key": stream.key}

@@ -109,12 +109,13 @@ def test_layers_are_repacked_before_their_first_answer_which_stays_the_same() ->
     quantize.release_freed_memory()
 
 
+@pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("shape", [(96, 320), (4096, 128)])
-def test_repacked_bytes_are_bitsandbytes_own(shape: tuple[int, int]) -> None:
+def test_repacked_bytes_are_bitsandbytes_own(shape: tuple[int, int], nested: bool) -> None:
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
     rows, columns = shape
-    ours, theirs = quantize._layer(columns, rows, 3).weight, quantize._layer(columns, rows, 3).weight
+    ours, theirs = quantize._layer(columns, rows, 3, nested).weight, quantize._layer(columns, rows, 3, nested).weight
     want, _ = _convert_weight_packed_for_cpu(theirs.data, theirs.quant_state)
     quantize._repack(ours)
     assert torch.equal(ours.data, want) and ours.data.shape == (rows, columns // 2)
