@@ -70,7 +70,8 @@ class Pair:
         """(tuned, base), opened for one merge. They are not kept open between merges: a merge
         reads every page of both, and while their files stay mapped those pages count as the
         app's resident memory (5.5 GiB of a 7 B pair's, measured, on top of the three models);
-        dropped, they are only the page cache's. Opening reads the headers again (0.x s)."""
+        dropped, they are only the page cache's. Opening reads the headers again: 0.03-0.28 s for
+        that pair (pickle shards included)."""
         return open_checkpoint(self.inputs[0]), open_checkpoint(self.inputs[1])
 
     @property
