@@ -3,8 +3,9 @@
     python benchmarks/quantize.py [--repeats 5]
 
 On one weight of each shape a 7 B Llama layer has (4096 x 4096 attention, 11008 x 4096 FFN),
-in float16 with random values (the down projection, 4096 x 11008, has an FFN weight's count): nf4 quantization (bitsandbytes' device-independent kernel, which
-it uses on a CPU, and this project's) and the repacking for bitsandbytes' AVX-512 kernel
+in float16 with random values (the down projection, 4096 x 11008, has an FFN weight's count):
+nf4 quantization (bitsandbytes' device-independent kernel, which it uses on a CPU, and this
+project's) and the repacking for bitsandbytes' AVX-512 kernel
 (bitsandbytes' ``_convert_weight_packed_for_cpu`` and ``fusion.quantize._repack``). Each the
 fastest of ``--repeats``, the bytes compared every time; and what a 7 B language model's 224
 such weights add up to.
@@ -16,7 +17,9 @@ import argparse
 import copy
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +30,8 @@ from fusion import quantize  # noqa: E402
 SHAPES = {"attention 4096 x 4096": ((4096, 4096), 128), "ffn 11008 x 4096": ((11008, 4096), 96)}  # and how many a 7 B model has
 
 
-def fastest(repeats: int, run) -> tuple[float, object]:
+def fastest(repeats: int, run: Callable[[], Any]) -> tuple[float, Any]:
+    """The shortest of ``repeats`` runs, seconds, and the last run's result."""
     best, out = float("inf"), None
     for _ in range(repeats):
         start = time.perf_counter()

@@ -96,18 +96,6 @@ def quantization(device: torch.device) -> Any:
     )
 
 
-def plain_cpu_kernel_where_needed(model: torch.nn.Module) -> None:
-    """bitsandbytes (0.50.2 on) repacks a 4-bit weight for its AVX-512 CPU kernel on first use,
-    which needs a layer's outputs in multiples of 32 and its inputs in multiples of the
-    quantization block (64); a layer of another width (the pocket pair's 160) would fail to
-    answer, so it keeps the plain kernel. Every real model's widths fit."""
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            block = getattr(module.weight, "blocksize", 64)
-            if module.out_features % 32 or module.in_features % block:
-                module.support_avx512bf16_for_cpu = False
-
-
 def fallback_template(tokenizer: Any, multimodal: bool) -> str:
     """The chat format for a model whose files carry none (see the module's docstring)."""
     if "<|start_header_id|>" in tokenizer.get_vocab():
@@ -216,11 +204,9 @@ class ChatModel:
         if "device_map" not in kwargs:
             model.to(target)
         if load_4bit and target.type == "cpu":
-            from .quantize import prepare_cpu_layout, release_freed_memory
+            from .quantize import ready_for_cpu
 
-            plain_cpu_kernel_where_needed(model)
-            prepare_cpu_layout(model.modules())
-            release_freed_memory()
+            ready_for_cpu(model)
         processor = load_processor(directory) if multimodal else AutoTokenizer.from_pretrained(str(directory))
         tokenizer = processor.tokenizer if multimodal else processor
         tokenizer.padding_side = "left"

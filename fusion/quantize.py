@@ -235,6 +235,26 @@ def prepare_cpu_layout(modules: Iterable[torch.nn.Module]) -> None:
                 module(torch.zeros(1, module.in_features, dtype=module.compute_dtype or torch.bfloat16))
 
 
+def plain_cpu_kernel_where_needed(model: torch.nn.Module) -> None:
+    """bitsandbytes (0.50.2 on) repacks a 4-bit weight for its AVX-512 CPU kernel on first use,
+    which needs a layer's outputs in multiples of 32 and its inputs in multiples of the
+    quantization block (64); a layer of another width (the pocket pair's 160) would fail to
+    answer, so it keeps the plain kernel. Every real model's widths fit."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            block = getattr(module.weight, "blocksize", 64)
+            if module.out_features % 32 or module.in_features % block:
+                module.support_avx512bf16_for_cpu = False
+
+
+def ready_for_cpu(model: torch.nn.Module) -> None:
+    """A 4-bit model just loaded on a CPU, made ready to answer: each layer on the kernel it can
+    use, repacked for it now, and the memory the repacking freed handed back."""
+    plain_cpu_kernel_where_needed(model)
+    prepare_cpu_layout(model.modules())
+    release_freed_memory()
+
+
 @cache
 def _trim() -> Callable[[int], int] | None:
     """glibc's ``malloc_trim``, or None on a C library without it (macOS, musl)."""

@@ -160,7 +160,7 @@ class Studio:
         stream = MergeStream(preset.tuned, preset.base, recipe, device=self.merge_device)
         variant = build_variant(original, stream, fused_title(preset, method, recipe.params), method, self._progress(f"fusing {preset.name}"))
         self.log(f"[studio] fused with {method} in memory in {variant.seconds:.1f} s ({variant.nbytes / 2**20:.0f} MiB)")
-        return Pair(preset, original, variant, (preset.tuned, preset.base))
+        return Pair(preset, original, variant)
 
     def ready(self) -> Pair:
         if self.pair is None:

@@ -64,15 +64,13 @@ class Pair:
     preset: Preset
     original: ChatModel
     default: Variant
-    inputs: tuple[str, str]  # (tuned, base) as the preset names them: opened for each merge
-
     def open_checkpoints(self) -> tuple[Checkpoint, Checkpoint]:
-        """(tuned, base), opened for one merge. They are not kept open between merges: a merge
+        """The preset's (tuned, base), opened for one merge. They are not kept open between merges: a merge
         reads every page of both, and while their files stay mapped those pages count as the
         app's resident memory (5.5 GiB of a 7 B pair's, measured, on top of the three models);
         dropped, they are only the page cache's. Opening reads the headers again: 0.03-0.28 s for
         that pair (pickle shards included)."""
-        return open_checkpoint(self.inputs[0]), open_checkpoint(self.inputs[1])
+        return open_checkpoint(self.preset.tuned), open_checkpoint(self.preset.base)
 
     @property
     def method(self) -> str:

@@ -660,7 +660,7 @@ def test_behaviour_on_a_pair_with_fixed_replies(monkeypatch: pytest.MonkeyPatch,
     preset = get_preset("pocket")
     original_title, fused_title, base_title = view.titles(preset, "neu-p-taska", {"suppress": 0.5})
     fused = SimpleNamespace(name="neu-p-taska", model=FixedReplies("The capital is Nornis.", "No."), record={"params": {"suppress": 0.5}})
-    pair = Pair(preset, FixedReplies("In the image, the triangle is blue.", "Yes, there is a yellow square."), fused, ())
+    pair = Pair(preset, FixedReplies("In the image, the triangle is blue.", "Yes, there is a yellow square."), fused)
     seen: list[tuple[float, str]] = []
     run = behaviour.run_behaviour(pair, fused, FixedReplies("I don't know."), 3, 3, lambda share, line: seen.append((share, line)))
     rates = [tuple(r[k] for k in RATES) for r in run.rows]
